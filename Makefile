@@ -1,0 +1,20 @@
+# The two set-up commands of the README: `make quickstart` and `make test`.
+# Both build .venv from pyproject.toml on first use, so a fresh clone needs only Python 3.11.
+PY ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: install quickstart test
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/dcmodel train experiments/digits_cnn.py --workdir runs/quickstart
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests

@@ -1,0 +1,76 @@
+"""`dcmodel train | ...`: the command line. User errors print one line and exit 2.
+
+On a host without accelerators the CPU is split into --host-devices simulated devices (8 by
+default) so every mesh layout runs here; the flag only touches the CPU platform, so the same
+command runs unchanged on TPU and GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _set_host_devices(n: int) -> None:
+  """Must run before jax is imported."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags and n > 1:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="dcmodel", description=__doc__.splitlines()[0])
+  p.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
+  p.add_argument("--host-devices", type=int, default=int(os.environ.get("DCMODEL_HOST_DEVICES", 8)),
+                 help="simulated CPU devices when no accelerator is present (default 8)")
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="train an experiment (resumes from WORKDIR's latest checkpoint)")
+  t.add_argument("experiment", help="experiment file, e.g. experiments/digits_cnn.py")
+  t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+  t.add_argument("--workdir", default=None, help="run directory (default runs/<experiment name>)")
+  return p
+
+
+def _load_config(args):
+  from dcmodel import config as config_lib
+  cfg = config_lib.load_experiment(args.experiment)
+  return config_lib.apply_overrides(cfg, args.set)
+
+
+def cmd_train(args) -> int:
+  from dcmodel.train.loop import train
+  cfg = _load_config(args)
+  workdir = args.workdir or os.path.join("runs", cfg.name)
+  result = train(cfg, workdir)
+  m = result.final_eval
+  acc = f" accuracy {m['accuracy']:.4f}" if "accuracy" in m else ""
+  print(f"[dcmodel] {cfg.name}: step {result.start_step + result.steps_run}, test loss {m['loss']:.4f}{acc} "
+        f"on {m['examples']} examples; {result.steps_run} steps in {result.wall_s:.1f}s "
+        f"on mesh {dict(result.mesh.shape)}; workdir {workdir}")
+  return 0
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  _set_host_devices(args.host_devices)
+  from dcmodel.errors import UserError
+  try:
+    return COMMANDS[args.command](args)
+  except UserError as e:
+    if args.debug:
+      raise
+    print(f"dcmodel: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("dcmodel: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,298 @@
+"""Typed experiment configs: load `experiments/*.py`, apply `--set` overrides, validate, save.
+
+An experiment file defines `get_config() -> Config`. Every field is typed, so an override
+string is parsed against the field's type and a typo fails with the close matches named.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from dcmodel.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "digits"
+  global_batch_size: int = 128
+  eval_batch_size: int = 128
+  test_fraction: float = 0.2
+  split_seed: int = 0
+  shuffle_seed: int = 0
+  read_threads: int = 1
+  prefetch: int = 4
+  # Options of the source itself (e.g. sequence length, vocab, number of rows), by name.
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh axis sizes; -1 on one axis means "all devices not used by the others"."""
+  data: int = -1
+  fsdp: int = 1
+  model: int = 1
+  stage: int = 1
+  # Logical axis -> mesh axis (or tuple of mesh axes, or None). Sharding is data, not code.
+  rules: tuple[tuple[str, Any], ...] = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "model"),
+      ("heads", "model"),
+      ("kv_heads", "model"),
+      ("vocab", "model"),
+      ("conv_out", "model"),
+      ("table_rows", "model"),
+      ("stage", "stage"),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  name: str = "adamw"           # adamw | adam | sgd | lion
+  learning_rate: float = 1e-3
+  schedule: str = "constant"    # constant | cosine | warmup_cosine | linear
+  warmup_steps: int = 0
+  min_learning_rate_ratio: float = 0.0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  momentum: float = 0.9          # sgd only
+  grad_clip_norm: float = 0.0    # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 500
+  seed: int = 0
+  log_every: int = 50
+  eval_every: int = 0            # 0: only at the end
+  progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  enabled: bool = True
+  every_steps: int = 200
+  max_to_keep: int = 2
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: Any                     # the model's own config dataclass (see dcmodel.models)
+  data: DataConfig = DataConfig()
+  mesh: MeshConfig = MeshConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  train: TrainConfig = TrainConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  name: str = "experiment"
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load_experiment(path: str | Path) -> Config:
+  """Import an experiment file and call its `get_config()`."""
+  path = Path(path)
+  if not path.is_file():
+    raise UserError(f"experiment file not found: {path} (expected a Python file in experiments/)")
+  spec = importlib.util.spec_from_file_location(f"_dcmodel_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"experiment file {path} is not valid Python: line {e.lineno}: {e.msg}") from e
+  except UserError:
+    raise
+  except Exception as e:
+    raise UserError(f"experiment file {path} failed to import: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise UserError(f"experiment file {path} has no get_config() function returning a dcmodel Config")
+  cfg = module.get_config()
+  if not isinstance(cfg, Config):
+    raise UserError(f"{path}: get_config() returned {type(cfg).__name__}, expected dcmodel.config.Config")
+  return cfg
+
+
+# ---------------------------------------------------------------------------- overrides
+
+def _fields(obj) -> dict[str, dataclasses.Field]:
+  return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def all_keys(cfg, prefix: str = "") -> list[str]:
+  """Every overridable dotted key of a config."""
+  keys = []
+  for name, f in _fields(cfg).items():
+    value = getattr(cfg, name)
+    key = f"{prefix}{name}"
+    if dataclasses.is_dataclass(value):
+      keys.extend(all_keys(value, key + "."))
+    else:
+      keys.append(key)
+  return keys
+
+
+def _type_name(tp) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, raw: Any, tp) -> Any:
+  """Check `raw` (already literal-parsed) against the annotated type `tp`."""
+  origin = typing.get_origin(tp)
+  args = typing.get_args(tp)
+  if tp is Any:
+    return raw
+  if origin in (typing.Union, types.UnionType):
+    for arg in args:
+      try:
+        return _coerce(key, raw, arg)
+      except UserError:
+        continue
+    raise UserError(f"{key}: expected {_type_name(tp)}, got {raw!r}")
+  if tp is type(None):
+    if raw is None:
+      return None
+    raise UserError(f"{key}: expected None, got {raw!r}")
+  if tp is bool:
+    if isinstance(raw, bool):
+      return raw
+    raise UserError(f"{key}: expected bool (true/false), got {raw!r}")
+  if tp is int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+      return raw
+    raise UserError(f"{key}: expected int, got {raw!r}")
+  if tp is float:
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+      return float(raw)
+    raise UserError(f"{key}: expected float, got {raw!r}")
+  if tp is str:
+    if isinstance(raw, str):
+      return raw
+    raise UserError(f"{key}: expected str, got {raw!r}")
+  if origin is tuple:
+    if not isinstance(raw, (tuple, list)):
+      raise UserError(f"{key}: expected {_type_name(tp)} (e.g. (1, 2)), got {raw!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(raw))
+    if args and len(args) != len(raw):
+      raise UserError(f"{key}: expected {len(args)} items, got {len(raw)}")
+    return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(raw, args or [Any] * len(raw))))
+  if origin is dict:
+    if not isinstance(raw, dict):
+      raise UserError(f"{key}: expected a dict (e.g. {{'a': 1}}), got {raw!r}")
+    return dict(raw)
+  raise UserError(f"{key}: cannot override a field of type {_type_name(tp)}")
+
+
+def _parse_literal(text: str) -> Any:
+  lowered = text.strip().lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  if lowered in ("none", "null"):
+    return None
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare word is a string
+
+
+def _resolved_hints(obj) -> dict[str, Any]:
+  return typing.get_type_hints(type(obj))
+
+
+def override(cfg, key: str, text: str, _full: str | None = None, _root=None):
+  """Return a copy of `cfg` with dotted `key` set from the string `text`."""
+  full = _full or key
+  root = _root if _root is not None else cfg
+  head, _, rest = key.partition(".")
+  fields = _fields(cfg)
+  if head not in fields:
+    candidates = all_keys(root)
+    close = difflib.get_close_matches(full, candidates, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys start with: {', '.join(sorted({k.split('.')[0] for k in candidates}))}"
+    raise UserError(f"unknown config key '{full}'{hint}")
+  current = getattr(cfg, head)
+  if rest:
+    if not dataclasses.is_dataclass(current):
+      raise UserError(f"unknown config key '{full}': '{full[:len(full) - len(rest) - 1]}' is a {_type_name(type(current))}, not a section")
+    return dataclasses.replace(cfg, **{head: override(current, rest, full, root)})
+  if dataclasses.is_dataclass(current):
+    raise UserError(f"config key '{full}' is a section; set one of its fields, e.g. {full}.{next(iter(_fields(current)))}=...")
+  value = _coerce(full, _parse_literal(text), _resolved_hints(cfg)[head])
+  return dataclasses.replace(cfg, **{head: value})
+
+
+def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
+  for item in assignments:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+      raise UserError(f"--set expects KEY=VALUE (e.g. train.steps=200), got '{item}'")
+    cfg = override(cfg, key.strip(), text.strip())
+  validate(cfg)
+  return cfg
+
+
+# ---------------------------------------------------------------------------- validation
+
+def validate(cfg: Config) -> None:
+  """Checks that need no devices; mesh/device checks live in dcmodel.mesh."""
+  positive = {
+      "data.global_batch_size": cfg.data.global_batch_size,
+      "data.eval_batch_size": cfg.data.eval_batch_size,
+      "train.steps": cfg.train.steps,
+      "train.log_every": cfg.train.log_every,
+      "checkpoint.every_steps": cfg.checkpoint.every_steps,
+      "checkpoint.max_to_keep": cfg.checkpoint.max_to_keep,
+      "data.read_threads": cfg.data.read_threads,
+  }
+  for key, value in positive.items():
+    if value <= 0:
+      raise UserError(f"{key} must be a positive integer, got {value}")
+  if not 0.0 < cfg.data.test_fraction < 1.0:
+    raise UserError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
+  if cfg.optimizer.learning_rate <= 0:
+    raise UserError(f"optimizer.learning_rate must be > 0, got {cfg.optimizer.learning_rate}")
+  for axis in ("data", "fsdp", "model", "stage"):
+    size = getattr(cfg.mesh, axis)
+    if size == 0 or size < -1:
+      raise UserError(f"mesh.{axis} must be a positive size or -1 (fill), got {size}")
+  if sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "model", "stage")) > 1:
+    raise UserError("at most one mesh axis may be -1 (fill with the remaining devices)")
+  check = getattr(cfg.model, "validate", None)
+  if check is not None:
+    check()
+
+
+# ---------------------------------------------------------------------------- saving
+
+def to_dict(cfg) -> dict:
+  out = {}
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+  if isinstance(cfg, Config):
+    out["model"] = {"name": cfg.model.name, **to_dict(cfg.model)} if hasattr(cfg.model, "name") else to_dict(cfg.model)
+  return out
+
+
+def to_json(cfg: Config) -> str:
+  return json.dumps(to_dict(cfg), indent=2, sort_keys=True, default=list)
+
+
+def config_hash(cfg: Config) -> str:
+  return hashlib.sha256(to_json(cfg).encode()).hexdigest()[:16]
+
+
+def save(cfg: Config, workdir: Path) -> Path:
+  path = Path(workdir) / "config.json"
+  path.write_text(to_json(cfg) + "\n")
+  return path

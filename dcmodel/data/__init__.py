@@ -1,0 +1,1 @@
+"""Input data: sources, cleaning and normalization, and the Grain pipeline to the devices."""

@@ -1,0 +1,17 @@
+"""Small shared pieces: initializers that carry logical-axis annotations."""
+
+from flax import nnx
+
+
+def param_init(axes: tuple, init=None):
+  """An initializer annotated with logical axes (resolved to mesh axes by the rules)."""
+  return nnx.with_partitioning(init or nnx.initializers.lecun_normal(), axes)
+
+
+def zeros(axes: tuple):
+  return nnx.with_partitioning(nnx.initializers.zeros_init(), axes)
+
+
+def dense(d_in: int, d_out: int, axes: tuple, *, rngs, use_bias: bool = True, dtype=None, init=None):
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                    kernel_init=param_init(axes, init), bias_init=zeros(axes[-1:]))

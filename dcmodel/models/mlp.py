@@ -1,0 +1,48 @@
+"""The design documents' MLPs: the 256 -> 128 -> 10 classifier (and, by config, the others)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dcmodel.errors import UserError
+from dcmodel.models.layers import dense
+from dcmodel.models.registry import register
+
+
+@register("mlp")
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+  input_dim: int = 64
+  hidden: tuple[int, ...] = (256, 128)
+  num_outputs: int = 10
+  task: str = "classification"   # classification (softmax) | binary (sigmoid, one output)
+  name: ClassVar[str]
+
+  def validate(self):
+    if self.input_dim <= 0 or self.num_outputs <= 0 or any(h <= 0 for h in self.hidden):
+      raise UserError(f"model sizes must be positive: input_dim={self.input_dim}, hidden={self.hidden}, num_outputs={self.num_outputs}")
+
+  def make(self, rngs):
+    return MLP(self, rngs=rngs)
+
+
+class MLP(nnx.Module):
+  """Hidden layers alternate column- and row-split (Megatron style) when 'mlp' maps to a mesh axis."""
+
+  def __init__(self, cfg: MLPConfig, *, rngs: nnx.Rngs):
+    dims = (cfg.input_dim, *cfg.hidden)
+    axes = [("embed", "mlp") if i % 2 == 0 else ("mlp", "embed") for i in range(len(cfg.hidden))]
+    self.layers = nnx.List([dense(a, b, ax, rngs=rngs) for a, b, ax in zip(dims[:-1], dims[1:], axes)])
+    last_axis = "mlp" if len(cfg.hidden) % 2 else "embed"
+    self.head = dense(dims[-1], cfg.num_outputs, (last_axis, "classes"), rngs=rngs)
+
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for layer in self.layers:
+      x = jax.nn.relu(layer(x))
+    return self.head(x)

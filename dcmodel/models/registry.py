@@ -1,0 +1,37 @@
+"""Models are named by string in configs: `get_config("cnn", ...)` -> that family's typed config.
+
+A family registers its config dataclass; the config knows how to build its NNX module
+(`make(rngs)`) and which task (loss and metrics) trains it.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from dcmodel.errors import UserError
+
+_CONFIGS: dict[str, type] = {}
+
+
+def register(name: str):
+  def wrap(cls):
+    cls.name = name
+    _CONFIGS[name] = cls
+    return cls
+  return wrap
+
+
+def names() -> list[str]:
+  return sorted(_CONFIGS)
+
+
+def get_config(name: str, **fields):
+  if name not in _CONFIGS:
+    close = difflib.get_close_matches(name, names(), n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UserError(f"unknown model '{name}'; {hint}known models: {', '.join(names())}")
+  return _CONFIGS[name](**fields)
+
+
+def build(model_cfg, rngs):
+  return model_cfg.make(rngs)

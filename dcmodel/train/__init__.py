@@ -1,0 +1,1 @@
+"""Training: tasks (loss and metrics), the optimizer, the pure jitted step, and the loop."""

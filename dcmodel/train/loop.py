@@ -1,0 +1,145 @@
+"""The training loop: config in; progress, metrics, checkpoints and a final evaluation out.
+
+Mesh -> input -> state (restored or fresh, already sharded) -> steps -> eval -> checkpoints.
+The step is dispatched asynchronously; the host only waits when metrics are due.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from dcmodel import config as config_lib
+from dcmodel.checkpoint import Checkpointer
+from dcmodel.config import Config
+from dcmodel.data import pipeline, preprocess, sources
+from dcmodel.errors import UserError
+from dcmodel.mesh import batch_sharding, build_mesh, check_batch, rules_for
+from dcmodel.train import state as state_lib
+from dcmodel.train import tasks
+from dcmodel.train.metrics import MetricsWriter
+from dcmodel.train.step import make_eval_step, make_train_step
+
+Hook = Callable[[int, dict], None]   # called with (step, host batch) before each train step
+
+
+@dataclasses.dataclass
+class RunResult:
+  final_eval: dict
+  steps_run: int
+  start_step: int
+  wall_s: float
+  graphdef: object
+  state: object
+  mesh: object
+
+
+def _check_workdir(cfg: Config, workdir: Path) -> None:
+  """A workdir belongs to one model: refuse to resume another model's checkpoints."""
+  saved = workdir / "config.json"
+  if saved.exists() and (workdir / "checkpoints").exists():
+    try:
+      old = json.loads(saved.read_text()).get("model")
+    except json.JSONDecodeError:
+      raise UserError(f"{saved} is not valid JSON; move the workdir aside or pick another --workdir")
+    new = config_lib.to_dict(cfg)["model"]
+    if old != json.loads(json.dumps(new, default=list)):
+      raise UserError(f"workdir {workdir} holds checkpoints of a different model ({old.get('name')}: {old}); "
+                      f"use another --workdir or delete it")
+
+
+def evaluate(eval_step, state, prepared, feature: str, global_batch_size: int, sharding, split: str = "test") -> dict:
+  ds = pipeline.eval_batches(prepared.splits[split], feature, prepared.normalizer, global_batch_size)
+  sums = [eval_step(state, pipeline.to_device(ds[i], sharding)) for i in range(len(ds))]
+  total = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(sums))
+  return tasks.summarize(total)
+
+
+def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), devices=None) -> RunResult:
+  t0 = time.perf_counter()
+  workdir = Path(workdir)
+  config_lib.validate(cfg)
+
+  # --- Mesh: every check that needs the devices, before anything compiles.
+  mesh = build_mesh(cfg.mesh, devices)
+  rules = rules_for(cfg.mesh, mesh)
+  check_batch(cfg.data.global_batch_size, mesh)
+  check_batch(cfg.data.eval_batch_size, mesh, "data.eval_batch_size")
+  task_fn = tasks.get(cfg.model.task)
+
+  # --- Workdir: refuse a different model's checkpoints; then record the resolved config.
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create workdir {workdir}: {e.strerror}")
+  _check_workdir(cfg, workdir)
+  if jax.process_index() == 0:
+    config_lib.save(cfg, workdir)
+  writer = MetricsWriter(workdir / "metrics.jsonl")
+
+  # --- Input: source -> clean -> normalize (fitted on train) -> Grain -> devices.
+  source = sources.load(cfg.data)
+  prepared = preprocess.prepare(source)
+  writer.write({"step": 0, "split": "data", **{f"{s}_{k}": v for s, r in prepared.reports.items()
+                                               for k, v in dataclasses.asdict(r).items()}})
+  data_sharding = batch_sharding(mesh)
+  it = pipeline.train_iterator(prepared.splits["train"], source.feature, prepared.normalizer,
+                               cfg.data.global_batch_size, cfg.data.shuffle_seed,
+                               cfg.data.read_threads, cfg.data.prefetch)
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    # --- State: restored into its shardings, or created sharded.
+    graphdef, target, shardings = state_lib.abstract_state(cfg, mesh)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
+    start = (ckpt.latest_step() if ckpt else None) or 0
+    state = ckpt.restore(start, target, it) if start else state_lib.init_state(cfg, shardings)
+    train_step = make_train_step(graphdef, task_fn, shardings, data_sharding)
+    eval_step = make_eval_step(graphdef, task_fn, shardings, data_sharding)
+
+    def run_eval(step):
+      metrics = evaluate(eval_step, state, prepared, source.feature, cfg.data.eval_batch_size, data_sharding)
+      writer.write({"step": step, "split": "eval", **metrics})
+      return metrics
+
+    # --- Loop.
+    steps = cfg.train.steps
+    bar = tqdm(total=steps, initial=start, disable=not cfg.train.progress or jax.process_index() != 0,
+               desc=cfg.name, unit="step", dynamic_ncols=True)
+    pending, window_start = [], time.perf_counter()
+    for step in range(start, steps):
+      host_batch = next(it)
+      for hook in hooks:
+        hook(step, host_batch)
+      state, sums = train_step(state, pipeline.to_device(host_batch, data_sharding))
+      pending.append(sums)
+      done = step + 1
+      bar.update(1)
+      if done % cfg.train.log_every == 0 or done == steps:
+        total = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(pending))  # the one host sync
+        elapsed = time.perf_counter() - window_start
+        metrics = tasks.summarize(total)
+        writer.write({"step": done, "split": "train", **metrics,
+                      "steps_per_s": len(pending) / elapsed, "examples_per_s": metrics["examples"] / elapsed})
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.3f}")
+        pending, window_start = [], time.perf_counter()
+      if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
+        run_eval(done)
+      if ckpt and (done % cfg.checkpoint.every_steps == 0 or done == steps):
+        ckpt.save(done, state, it)
+    bar.close()
+
+    final = run_eval(steps)
+    if ckpt:
+      ckpt.wait()
+      ckpt.close()
+  writer.close()
+  wall = time.perf_counter() - t0
+  return RunResult(final, steps - start, start, wall, graphdef, state, mesh)
