@@ -224,7 +224,7 @@ def override(cfg, key: str, text: str, _full: str | None = None, _root=None):
   if rest:
     if not dataclasses.is_dataclass(current):
       raise UserError(f"unknown config key '{full}': '{full[:len(full) - len(rest) - 1]}' is a {_type_name(type(current))}, not a section")
-    return dataclasses.replace(cfg, **{head: override(current, rest, full, root)})
+    return dataclasses.replace(cfg, **{head: override(current, rest, text, full, root)})
   if dataclasses.is_dataclass(current):
     raise UserError(f"config key '{full}' is a section; set one of its fields, e.g. {full}.{next(iter(_fields(current)))}=...")
   value = _coerce(full, _parse_literal(text), _resolved_hints(cfg)[head])
