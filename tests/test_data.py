@@ -1,0 +1,76 @@
+import jax
+import numpy as np
+import pytest
+
+from dcmodel.config import DataConfig
+from dcmodel.data import pipeline, preprocess, sources
+from dcmodel.errors import UserError
+
+
+def test_digits_split_is_deterministic_and_disjoint():
+  a = sources.load(DataConfig(source="digits"))
+  b = sources.load(DataConfig(source="digits"))
+  np.testing.assert_array_equal(a.splits["train"]["id"], b.splits["train"]["id"])
+  train, test = set(a.splits["train"]["id"]), set(a.splits["test"]["id"])
+  assert not train & test and len(train) + len(test) == 1797 and len(test) == 360
+
+
+def test_cleaning_drops_and_counts_bad_rows():
+  src = sources.load(DataConfig(source="digits", options={"corrupt_rows": 30}))
+  prep = preprocess.prepare(src)
+  total = {k: sum(getattr(r, k) for r in prep.reports.values()) for k in ("kept", "dropped_nonfinite", "dropped_out_of_range")}
+  assert total == {"kept": 1797 - 30, "dropped_nonfinite": 20, "dropped_out_of_range": 10}
+  for cols in prep.splits.values():
+    assert np.isfinite(cols["x"]).all() and cols["x"].max() <= 16
+
+
+def test_normalization_is_fitted_on_train_only():
+  prep = preprocess.prepare(sources.load(DataConfig(source="digits")))
+  x_train = prep.normalizer(prep.splits["train"]["x"])
+  x_test = prep.normalizer(prep.splits["test"]["x"])
+  np.testing.assert_allclose(x_train.mean(0), 0, atol=1e-5)
+  assert np.abs(x_test.mean(0)).max() > 1e-3                      # test statistics were not used
+
+
+def test_epochs_reshuffle_and_cover_every_row():
+  prep = preprocess.prepare(sources.load(DataConfig(source="digits")))
+  cols = prep.splits["train"]
+  n = len(cols["id"])
+  it = pipeline.train_iterator(cols, "x", prep.normalizer, global_batch_size=1, seed=3)
+  first = [int(next(it)["id"][0]) for _ in range(n)]
+  second = [int(next(it)["id"][0]) for _ in range(n)]
+  assert sorted(first) == sorted(cols["id"].tolist()) == sorted(second) and first != second
+
+
+def test_iterator_state_restores_the_same_batches():
+  prep = preprocess.prepare(sources.load(DataConfig(source="digits")))
+  it = pipeline.train_iterator(prep.splits["train"], "x", prep.normalizer, 32, seed=0)
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  expected = [next(it)["id"] for _ in range(3)]
+  it2 = pipeline.train_iterator(prep.splits["train"], "x", prep.normalizer, 32, seed=0)
+  it2.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(it2)["id"], e)
+
+
+def test_eval_batches_pad_with_mask():
+  prep = preprocess.prepare(sources.load(DataConfig(source="digits")))
+  ds = pipeline.eval_batches(prep.splits["test"], "x", prep.normalizer, 128)
+  batches = [ds[i] for i in range(len(ds))]
+  assert len(batches) == 3 and sum(b["mask"].sum() for b in batches) == 360
+  assert all(len(b["id"]) == 128 for b in batches)
+
+
+def test_unknown_source():
+  with pytest.raises(UserError, match="unknown data.source 'digit'; did you mean digits"):
+    sources.load(DataConfig(source="digit"))
+
+
+def test_to_device_shards_over_batch_axes():
+  from dcmodel.config import MeshConfig
+  from dcmodel.mesh import batch_sharding, build_mesh
+  mesh = build_mesh(MeshConfig(data=4, model=2))
+  arr = pipeline.to_device({"x": np.zeros((8, 3), np.float32)}, batch_sharding(mesh))["x"]
+  assert arr.shape == (8, 3) and {s.data.shape for s in arr.addressable_shards} == {(2, 3)}
