@@ -37,15 +37,17 @@ def clean(cols: Columns, feature: str, valid_range: tuple[float, float]) -> tupl
 
 @dataclasses.dataclass(frozen=True)
 class Normalizer:
-  """Per-feature standardization; features constant on train (e.g. blank pixels) map to 0."""
+  """Standardization fitted on train: per feature (tabular), or one scalar (images, where
+  per-pixel statistics would erase position-dependent strokes). Constant features map to 0."""
   mean: np.ndarray
   scale: np.ndarray
 
   @classmethod
-  def fit(cls, x: np.ndarray) -> "Normalizer":
+  def fit(cls, x: np.ndarray, per_feature: bool = True) -> "Normalizer":
     x = x.astype(np.float64)
-    std = x.std(axis=0)
-    return cls(x.mean(axis=0).astype(np.float32), np.where(std > 0, 1.0 / np.maximum(std, 1e-12), 0.0).astype(np.float32))
+    axis = 0 if per_feature else None
+    std = np.asarray(x.std(axis=axis))
+    return cls(np.asarray(x.mean(axis=axis), np.float32), np.where(std > 0, 1.0 / np.maximum(std, 1e-12), 0.0).astype(np.float32))
 
   def __call__(self, x: np.ndarray) -> np.ndarray:
     return ((x - self.mean) * self.scale).astype(np.float32)
@@ -66,5 +68,6 @@ def prepare(source: Source, normalize: bool = True) -> Prepared:
     if reports[name].kept == 0:
       raise UserError(f"data source '{source.name}' split '{name}' has no valid rows after cleaning "
                       f"({reports[name].dropped_nonfinite} non-finite, {reports[name].dropped_out_of_range} out of range)")
-  normalizer = Normalizer.fit(splits["train"][source.feature]) if normalize else None
+  normalizer = (Normalizer.fit(splits["train"][source.feature], per_feature=source.normalize == "per_feature")
+                if normalize and source.normalize else None)
   return Prepared(splits, normalizer, reports, source.num_classes)

@@ -24,6 +24,7 @@ class Source:
   feature: str = "x"                  # the column cleaning and normalization act on
   valid_range: tuple[float, float] = (-np.inf, np.inf)
   num_classes: int | None = None
+  normalize: str | None = "per_feature"   # per_feature | global | None
 
 
 _SOURCES = {}
@@ -67,4 +68,5 @@ def digits(cfg: DataConfig) -> Source:
   train, test = split_rows(len(x), y, cfg.test_fraction, cfg.split_seed)
   ids = np.arange(len(x), dtype=np.int64)
   cols = lambda rows: {"id": ids[rows], "x": x[rows], "y": y[rows]}
-  return Source("digits", {"train": cols(train), "test": cols(test)}, valid_range=(0.0, 16.0), num_classes=10)
+  return Source("digits", {"train": cols(train), "test": cols(test)}, valid_range=(0.0, 16.0), num_classes=10,
+                normalize="global")
