@@ -1,48 +1,194 @@
 """Checkpoints with Orbax (TensorStore / OCDBT underneath): train state + Grain iterator state.
 
-Restores go straight into the target shardings of the abstract state, so the same checkpoint
-loads onto any mesh. Saves are asynchronous: the device-to-host copy happens inside `save`,
-so the train step may donate the state buffers right after.
+- Restores go straight into the target shardings of the abstract state, so the same checkpoint
+  loads onto any mesh.
+- Saves are asynchronous: the device-to-host copy happens inside `save`, so the train step may
+  donate the state buffers right after.
+- Every save records a fingerprint of each array (an order-sensitive integer hash computed on
+  device, independent of layout). A restore recomputes it, so a flipped byte that still
+  decompresses is caught; unreadable, truncated or uncommitted steps are caught too, and the
+  newest good step is used instead.
+- Retention is ours, not Orbax's: a step is deleted only once `max_to_keep` newer steps have
+  been read back and verified, so the newest good checkpoint never goes while a newer one is
+  unverified. Non-finite states are never saved.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dcmodel.config import CheckpointConfig
+from dcmodel.errors import UserError
+
+log = logging.getLogger("dcmodel.checkpoint")
+COMMIT_MARKER = "commit_success.txt"
+
+
+@jax.jit
+def fingerprint(state):
+  """Per-array (position-weighted uint32 hash, all-finite flag). Integer sums are exact, so the
+  hash is the same for any sharding of the same values."""
+  def one(x):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      bits, finite = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32), jnp.all(jnp.isfinite(x))
+    else:
+      bits, finite = x.astype(jnp.uint32), jnp.bool_(True)
+    flat = bits.reshape(-1)
+    weights = jnp.arange(flat.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.sum(flat * weights, dtype=jnp.uint32), finite
+  return jax.tree.map(one, _arrays(state))
+
+
+def _arrays(state):
+  """Only numeric arrays (typed PRNG keys are hashed through their key data)."""
+  def data(x):
+    return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  return jax.tree.map(data, state)
+
+
+def _flat_prints(prints) -> tuple[dict[str, int], bool]:
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(prints), is_leaf=lambda x: isinstance(x, tuple))[0]
+  hashes = {jax.tree_util.keystr(path): int(h) for path, (h, _) in leaves}
+  return hashes, all(bool(f) for _, (_, f) in leaves)
+
+
+class DamagedCheckpoint(Exception):
+  pass
 
 
 class Checkpointer:
   def __init__(self, directory: Path, cfg: CheckpointConfig):
     self.cfg = cfg
+    self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
-        Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save, create=True),
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=cfg.async_save, create=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()})
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+    self._unverified: list[int] = []
+    self._verified: set[int] = set()
+    self._target = None
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
+  # ---- saving
   def save(self, step: int, state, data_iterator) -> None:
+    hashes, finite = _flat_prints(fingerprint(state))
+    if not finite:
+      raise FloatingPointError(f"refusing to checkpoint step {step}: the state holds NaN or Inf")
+    self._finish_pending()
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave({"step": step, "fingerprints": hashes})), force=True)
+    self._unverified.append(step)
+    self._target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
-  def restore(self, step: int, target_state, data_iterator):
-    """Restore `step` into `target_state`'s shapes and shardings; the iterator is set in place."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return restored.state
+  def _finish_pending(self) -> None:
+    """Wait for in-flight saves, verify them by reading back, then apply retention."""
+    if not self._unverified:
+      return
+    self.manager.wait_until_finished()
+    for step in self._unverified:
+      try:
+        self._read(step, self._target, None)
+        self._verified.add(step)
+      except DamagedCheckpoint as e:
+        print(f"dcmodel: warning: checkpoint step {step} failed verification after save: {e}", flush=True)
+    self._unverified = []
+    self._retain()
+
+  def _retain(self) -> None:
+    """Delete what is older than the `max_to_keep` newest verified steps (and nothing else)."""
+    good = sorted(self._verified)[-self.cfg.max_to_keep:]
+    if len(good) < self.cfg.max_to_keep:
+      return
+    for step in self.all_steps():
+      if step < good[0]:
+        self.manager.delete(step)
+        self._verified.discard(step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._finish_pending()
 
   def close(self) -> None:
+    self._finish_pending()
     self.manager.close()
+
+  # ---- restoring
+  def all_steps(self) -> list[int]:
+    self.manager.reload()
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def _committed(self, step: int) -> bool:
+    d = self.directory / str(step)
+    return all((p / COMMIT_MARKER).exists() for p in (d, d / "state", d / "data", d / "meta"))
+
+  def _read(self, step: int, target_state, data_iterator):
+    if not self._committed(step):
+      raise DamagedCheckpoint(f"missing commit marker ({COMMIT_MARKER}): the save never finished")
+    items = {"state": ocp.args.StandardRestore(target_state), "meta": ocp.args.JsonRestore()}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable data
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise DamagedCheckpoint(f"unreadable ({type(e).__name__}: {first[:300]})") from e
+    expected = restored.meta["fingerprints"]
+    actual, finite = _flat_prints(fingerprint(restored.state))
+    if set(expected) != set(actual):
+      raise DamagedCheckpoint(f"its arrays do not match the model: saved {sorted(set(expected) - set(actual))[:3]}, "
+                              f"model has {sorted(set(actual) - set(expected))[:3]}")
+    bad = [k for k in expected if expected[k] != actual[k]]
+    if bad:
+      raise DamagedCheckpoint(f"checksum mismatch in {len(bad)} array(s), e.g. {bad[0]}")
+    if not finite:
+      raise DamagedCheckpoint("holds NaN or Inf")
+    return restored.state
+
+  def restore_latest(self, target_state, data_iterator):
+    """(step, state) of the newest checkpoint that reads back intact, or (0, None) if none exist.
+
+    Damaged steps are reported and skipped; if every step is damaged, that is an error rather
+    than a silent restart from scratch.
+    """
+    steps = self.all_steps()
+    problems = []
+    for step in reversed(steps):
+      try:
+        state = self._read(step, target_state, data_iterator)
+      except DamagedCheckpoint as e:
+        message = f"checkpoint step {step} in {self.directory} is damaged: {e}"
+        log.warning(message)
+        print(f"dcmodel: warning: {message}; falling back to an older step", flush=True)
+        problems.append(message)
+        continue
+      self._verified.add(step)
+      return step, state
+    if problems:
+      raise UserError(f"no usable checkpoint in {self.directory}: " + "; ".join(problems))
+    return 0, None
+
+
+def check_disk_space(directory: Path, state_bytes: int, copies: int) -> None:
+  """Fail before training when the checkpoints cannot fit (a cheap, honest lower bound)."""
+  free = shutil.disk_usage(directory).free
+  need = state_bytes * copies
+  if free < need:
+    raise UserError(f"not enough disk space in {directory}: {free / 2**20:.1f} MiB free, checkpoints need at least "
+                    f"{need / 2**20:.1f} MiB ({copies} x {state_bytes / 2**20:.1f} MiB); free space or lower checkpoint.max_to_keep")
+
+
+def state_bytes(abstract_state) -> int:
+  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)))

@@ -75,6 +75,7 @@ class TrainConfig:
   seed: int = 0
   log_every: int = 50
   eval_every: int = 0            # 0: only at the end
+  nonfinite: str = "skip"        # a NaN/Inf loss or gradient: skip the update (counted) | stop
   progress: bool = True
 
 

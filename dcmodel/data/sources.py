@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from pathlib import Path
 
 import numpy as np
 
@@ -70,3 +71,86 @@ def digits(cfg: DataConfig) -> Source:
   cols = lambda rows: {"id": ids[rows], "x": x[rows], "y": y[rows]}
   return Source("digits", {"train": cols(train), "test": cols(test)}, valid_range=(0.0, 16.0), num_classes=10,
                 normalize="global")
+
+
+def _user_arrays(cfg: DataConfig, x: np.ndarray, y: np.ndarray, where: str) -> Source:
+  """Validate user-supplied arrays and split them like any other source."""
+  if x.dtype.kind not in "fiub":
+    raise UserError(f"{where}: feature array 'x' has dtype {x.dtype}, expected numbers (float or int)")
+  if y.dtype.kind not in "iub":
+    raise UserError(f"{where}: label array 'y' has dtype {y.dtype}, expected integers")
+  if len(x) == 0:
+    raise UserError(f"{where}: no examples (x has 0 rows)")
+  if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+    raise UserError(f"{where}: expected x of shape (N, ...) and y of shape (N,), got x {x.shape} and y {y.shape}")
+  lo, hi = cfg.options.get("valid_range", (-np.inf, np.inf))
+  train, test = split_rows(len(x), None, cfg.test_fraction, cfg.split_seed)
+  ids = np.arange(len(x), dtype=np.int64)
+  cols = lambda rows: {"id": ids[rows], "x": x[rows].astype(np.float32), "y": y[rows].astype(np.int32)}
+  return Source(where, {"train": cols(train), "test": cols(test)}, valid_range=(lo, hi))
+
+
+def _path_option(cfg: DataConfig) -> Path:
+  if "path" not in cfg.options:
+    raise UserError(f"data.source '{cfg.source}' needs data.options={{'path': ...}}")
+  path = Path(cfg.options["path"])
+  if not path.is_file():
+    raise UserError(f"data file not found: {path}")
+  return path
+
+
+@register("npz")
+def npz(cfg: DataConfig) -> Source:
+  """User arrays: an .npz file with 'x' (N, ...) numeric features and 'y' (N,) integer labels."""
+  path = _path_option(cfg)
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      missing = {"x", "y"} - set(f.files)
+      if missing:
+        raise UserError(f"{path}: missing array(s) {sorted(missing)}; expected 'x' and 'y'")
+      x, y = f["x"], f["y"]
+  except (ValueError, OSError) as e:
+    raise UserError(f"{path} is not a readable .npz file of plain arrays: {e}")
+  return _user_arrays(cfg, x, y, str(path))
+
+
+@register("csv")
+def csv(cfg: DataConfig) -> Source:
+  """User table: UTF-8 CSV with a header; numeric feature columns and an integer 'label' column."""
+  path = _path_option(cfg)
+  try:
+    text = path.read_bytes().decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path} is not valid UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save it as UTF-8")
+  lines = [l for l in text.splitlines() if l.strip()]
+  if len(lines) < 2:
+    raise UserError(f"{path}: no data rows (expected a header line and at least one row)")
+  header = [h.strip() for h in lines[0].split(",")]
+  if "label" not in header:
+    raise UserError(f"{path}: no 'label' column in the header {header}")
+  try:
+    table = np.array([[float(v) for v in l.split(",")] for l in lines[1:]], dtype=np.float64)
+  except ValueError as e:
+    raise UserError(f"{path}: non-numeric value ({e})")
+  if table.ndim != 2 or table.shape[1] != len(header):
+    raise UserError(f"{path}: rows do not all have {len(header)} columns")
+  j = header.index("label")
+  return _user_arrays(cfg, np.delete(table, j, axis=1).astype(np.float32), table[:, j].astype(np.int64), str(path))
+
+
+def check_fits_model(source: Source, prepared, model_cfg) -> None:
+  """The data must have the shape the model reads and labels the model can predict."""
+  x = prepared.splits["train"][source.feature]
+  expected = getattr(model_cfg, "input_shape", None)
+  if expected is not None:
+    want = tuple(expected())
+    have = tuple(x.shape[1:])
+    if int(np.prod(have)) != int(np.prod(want)):
+      raise UserError(f"data '{source.name}' has examples of shape {have}, but model '{model_cfg.name}' expects {want}")
+  if "y" in prepared.splits["train"] and getattr(model_cfg, "task", None) in ("classification", "binary"):
+    n = model_cfg.num_outputs if model_cfg.task == "classification" else 2
+    for split, cols in prepared.splits.items():
+      y = cols["y"]
+      if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() >= n)):
+        raise UserError(f"data '{source.name}' split '{split}' has labels outside 0..{n - 1} (dtype {y.dtype}, "
+                        f"range {y.min()}..{y.max()}) for model '{model_cfg.name}' with {n} classes")

@@ -35,6 +35,9 @@ class CNNConfig:
     if any(s % 2 ** len(self.features) for s in self.image_size):
       raise UserError(f"model.image_size={self.image_size} must be divisible by 2**len(features)={2 ** len(self.features)} (one 2x2 pool per conv)")
 
+  def input_shape(self):
+    return (*self.image_size, self.channels)
+
   def make(self, rngs):
     return CNN(self, rngs=rngs)
 

@@ -27,6 +27,9 @@ class MLPConfig:
     if self.input_dim <= 0 or self.num_outputs <= 0 or any(h <= 0 for h in self.hidden):
       raise UserError(f"model sizes must be positive: input_dim={self.input_dim}, hidden={self.hidden}, num_outputs={self.num_outputs}")
 
+  def input_shape(self):
+    return (self.input_dim,)
+
   def make(self, rngs):
     return MLP(self, rngs=rngs)
 

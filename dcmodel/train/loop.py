@@ -18,7 +18,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from dcmodel import config as config_lib
-from dcmodel.checkpoint import Checkpointer
+from dcmodel.checkpoint import Checkpointer, check_disk_space, state_bytes
 from dcmodel.config import Config
 from dcmodel.data import pipeline, preprocess, sources
 from dcmodel.errors import UserError
@@ -63,7 +63,27 @@ def evaluate(eval_step, state, prepared, feature: str, global_batch_size: int, s
   return tasks.summarize(total)
 
 
+def _prepare_workdir(cfg: Config, workdir: Path, need_bytes: int) -> None:
+  """Everything that can be known about the workdir before training: creatable, writable,
+  not another model's, and room for the checkpoints."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / ".dcmodel-write-probe"
+    probe.write_bytes(b"x" * 4096)
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f"workdir {workdir} is not writable: {e.strerror}; pick another --workdir")
+  _check_workdir(cfg, workdir)
+  if cfg.checkpoint.enabled:
+    check_disk_space(workdir, need_bytes, cfg.checkpoint.max_to_keep + 1)
+
+
 def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), devices=None) -> RunResult:
+  """Train `cfg` in `workdir`, resuming from its newest good checkpoint.
+
+  All user-fixable problems (config, mesh, data, workdir) raise UserError before anything in
+  the workdir is written.
+  """
   t0 = time.perf_counter()
   workdir = Path(workdir)
   config_lib.validate(cfg)
@@ -74,20 +94,22 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
   check_batch(cfg.data.global_batch_size, mesh)
   check_batch(cfg.data.eval_batch_size, mesh, "data.eval_batch_size")
   task_fn = tasks.get(cfg.model.task)
-
-  # --- Workdir: refuse a different model's checkpoints; then record the resolved config.
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"cannot create workdir {workdir}: {e.strerror}")
-  _check_workdir(cfg, workdir)
-  if jax.process_index() == 0:
-    config_lib.save(cfg, workdir)
-  writer = MetricsWriter(workdir / "metrics.jsonl")
+  if cfg.train.nonfinite not in ("skip", "stop"):
+    raise UserError(f"train.nonfinite must be 'skip' or 'stop', got '{cfg.train.nonfinite}'")
 
   # --- Input: source -> clean -> normalize (fitted on train) -> Grain -> devices.
   source = sources.load(cfg.data)
   prepared = preprocess.prepare(source)
+  sources.check_fits_model(source, prepared, cfg.model)
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    graphdef, target, shardings = state_lib.abstract_state(cfg, mesh)
+
+  # --- Workdir: checked, then written (config, metrics); nothing is written before this.
+  _prepare_workdir(cfg, workdir, state_bytes(target))
+  if jax.process_index() == 0:
+    config_lib.save(cfg, workdir)
+  writer = MetricsWriter(workdir / "metrics.jsonl")
   writer.write({"step": 0, "split": "data", **{f"{s}_{k}": v for s, r in prepared.reports.items()
                                                for k, v in dataclasses.asdict(r).items()}})
   data_sharding = batch_sharding(mesh)
@@ -96,11 +118,11 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
                                cfg.data.read_threads, cfg.data.prefetch)
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    # --- State: restored into its shardings, or created sharded.
-    graphdef, target, shardings = state_lib.abstract_state(cfg, mesh)
+    # --- State: the newest good checkpoint restored into its shardings, or created sharded.
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
-    start = (ckpt.latest_step() if ckpt else None) or 0
-    state = ckpt.restore(start, target, it) if start else state_lib.init_state(cfg, shardings)
+    start, state = ckpt.restore_latest(target, it) if ckpt else (0, None)
+    if state is None:
+      state = state_lib.init_state(cfg, shardings)
     train_step = make_train_step(graphdef, task_fn, shardings, data_sharding)
     eval_step = make_eval_step(graphdef, task_fn, shardings, data_sharding)
 
@@ -113,7 +135,7 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
     steps = cfg.train.steps
     bar = tqdm(total=steps, initial=start, disable=not cfg.train.progress or jax.process_index() != 0,
                desc=cfg.name, unit="step", dynamic_ncols=True)
-    pending, window_start = [], time.perf_counter()
+    pending, window_start, skipped = [], time.perf_counter(), 0
     for step in range(start, steps):
       host_batch = next(it)
       for hook in hooks:
@@ -125,10 +147,17 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
       if done % cfg.train.log_every == 0 or done == steps:
         total = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(pending))  # the one host sync
         elapsed = time.perf_counter() - window_start
+        skipped += int(total.pop("nonfinite"))
         metrics = tasks.summarize(total)
-        writer.write({"step": done, "split": "train", **metrics,
+        writer.write({"step": done, "split": "train", **metrics, "skipped_nonfinite_steps": skipped,
                       "steps_per_s": len(pending) / elapsed, "examples_per_s": metrics["examples"] / elapsed})
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.3f}")
+        if skipped and cfg.train.nonfinite == "stop":
+          bar.close()
+          last = ckpt.latest_step() if ckpt else None
+          raise UserError(f"non-finite loss or gradients in {skipped} step(s) between steps {done - len(pending) + 1} "
+                          f"and {done}; their updates were not applied and training stopped (train.nonfinite=stop); "
+                          f"last checkpoint: {last}")
         pending, window_start = [], time.perf_counter()
       if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
         run_eval(done)
@@ -138,7 +167,6 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
 
     final = run_eval(steps)
     if ckpt:
-      ckpt.wait()
       ckpt.close()
   writer.close()
   wall = time.perf_counter() - t0
