@@ -15,8 +15,9 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import shutil
+import time
 from pathlib import Path
 
 import grain
@@ -28,7 +29,6 @@ import orbax.checkpoint as ocp
 from dcmodel.config import CheckpointConfig
 from dcmodel.errors import UserError
 
-log = logging.getLogger("dcmodel.checkpoint")
 COMMIT_MARKER = "commit_success.txt"
 
 
@@ -84,9 +84,10 @@ class Checkpointer:
     if not finite:
       raise FloatingPointError(f"refusing to checkpoint step {step}: the state holds NaN or Inf")
     self._finish_pending()
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave({"step": step, "fingerprints": hashes})), force=True)
+    with self._write_errors(step):
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+          meta=ocp.args.JsonSave({"step": step, "fingerprints": hashes})), force=True)
     self._unverified.append(step)
     self._target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
@@ -94,7 +95,8 @@ class Checkpointer:
     """Wait for in-flight saves, verify them by reading back, then apply retention."""
     if not self._unverified:
       return
-    self.manager.wait_until_finished()
+    with self._write_errors(self._unverified[-1]):
+      self.manager.wait_until_finished()
     for step in self._unverified:
       try:
         self._read(step, self._target, None)
@@ -103,6 +105,18 @@ class Checkpointer:
         print(f"dcmodel: warning: checkpoint step {step} failed verification after save: {e}", flush=True)
     self._unverified = []
     self._retain()
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int):
+    """A failed write (disk full, permissions) is a clear error; the partial step stays
+    uncommitted, so no later run mistakes it for a good one."""
+    try:
+      yield
+    except Exception as e:
+      good = sorted(self._verified)
+      raise UserError(f"checkpoint step {step} could not be written to {self.directory}: "
+                      f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}; "
+                      f"last good checkpoint: {good[-1] if good else 'none'}") from e
 
   def _retain(self) -> None:
     """Delete what is older than the `max_to_keep` newest verified steps (and nothing else)."""
@@ -157,6 +171,18 @@ class Checkpointer:
       raise DamagedCheckpoint("holds NaN or Inf")
     return restored.state
 
+  def _move_aside(self, step: int) -> Path:
+    """Keep a damaged step for inspection, out of the way of the step numbers to come."""
+    aside = self.directory.parent / "checkpoints-damaged" / f"{step}-{int(time.time())}"
+    if jax.process_index() == 0:
+      aside.parent.mkdir(exist_ok=True)
+      (self.directory / str(step)).rename(aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"dcmodel-move-aside-{step}")
+    self.manager.reload()
+    return aside
+
   def restore_latest(self, target_state, data_iterator):
     """(step, state) of the newest checkpoint that reads back intact, or (0, None) if none exist.
 
@@ -169,9 +195,9 @@ class Checkpointer:
       try:
         state = self._read(step, target_state, data_iterator)
       except DamagedCheckpoint as e:
+        aside = self._move_aside(step)
         message = f"checkpoint step {step} in {self.directory} is damaged: {e}"
-        log.warning(message)
-        print(f"dcmodel: warning: {message}; falling back to an older step", flush=True)
+        print(f"dcmodel: warning: {message}; moved to {aside}, falling back to an older step", flush=True)
         problems.append(message)
         continue
       self._verified.add(step)

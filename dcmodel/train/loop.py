@@ -132,42 +132,53 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
       return metrics
 
     # --- Loop.
-    steps = cfg.train.steps
-    bar = tqdm(total=steps, initial=start, disable=not cfg.train.progress or jax.process_index() != 0,
-               desc=cfg.name, unit="step", dynamic_ncols=True)
-    pending, window_start, skipped = [], time.perf_counter(), 0
-    for step in range(start, steps):
-      host_batch = next(it)
-      for hook in hooks:
-        hook(step, host_batch)
-      state, sums = train_step(state, pipeline.to_device(host_batch, data_sharding))
-      pending.append(sums)
-      done = step + 1
-      bar.update(1)
-      if done % cfg.train.log_every == 0 or done == steps:
-        total = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(pending))  # the one host sync
-        elapsed = time.perf_counter() - window_start
-        skipped += int(total.pop("nonfinite"))
-        metrics = tasks.summarize(total)
-        writer.write({"step": done, "split": "train", **metrics, "skipped_nonfinite_steps": skipped,
-                      "steps_per_s": len(pending) / elapsed, "examples_per_s": metrics["examples"] / elapsed})
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.3f}")
-        if skipped and cfg.train.nonfinite == "stop":
-          bar.close()
-          last = ckpt.latest_step() if ckpt else None
-          raise UserError(f"non-finite loss or gradients in {skipped} step(s) between steps {done - len(pending) + 1} "
-                          f"and {done}; their updates were not applied and training stopped (train.nonfinite=stop); "
-                          f"last checkpoint: {last}")
-        pending, window_start = [], time.perf_counter()
-      if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
-        run_eval(done)
-      if ckpt and (done % cfg.checkpoint.every_steps == 0 or done == steps):
-        ckpt.save(done, state, it)
-    bar.close()
+    completed = False
+    try:
+      steps = cfg.train.steps
+      bar = tqdm(total=steps, initial=start, disable=not cfg.train.progress or jax.process_index() != 0,
+                 desc=cfg.name, unit="step", dynamic_ncols=True)
+      pending, window_start, skipped = [], time.perf_counter(), 0
+      for step in range(start, steps):
+        host_batch = next(it)
+        for hook in hooks:
+          hook(step, host_batch)
+        state, sums = train_step(state, pipeline.to_device(host_batch, data_sharding))
+        pending.append(sums)
+        done = step + 1
+        bar.update(1)
+        if done % cfg.train.log_every == 0 or done == steps:
+          total = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(pending))  # the one host sync
+          elapsed = time.perf_counter() - window_start
+          skipped += int(total.pop("nonfinite"))
+          metrics = tasks.summarize(total)
+          writer.write({"step": done, "split": "train", **metrics, "skipped_nonfinite_steps": skipped,
+                        "steps_per_s": len(pending) / elapsed, "examples_per_s": metrics["examples"] / elapsed})
+          bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.3f}")
+          if skipped and cfg.train.nonfinite == "stop":
+            bar.close()
+            if ckpt:
+              ckpt.wait()
+            last = ckpt.latest_step() if ckpt else None
+            raise UserError(f"non-finite loss or gradients in {skipped} step(s) between steps {done - len(pending) + 1} "
+                            f"and {done}; their updates were not applied and training stopped (train.nonfinite=stop); "
+                            f"last checkpoint: {last}")
+          pending, window_start = [], time.perf_counter()
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
+          run_eval(done)
+        if ckpt and (done % cfg.checkpoint.every_steps == 0 or done == steps):
+          ckpt.save(done, state, it)
+      bar.close()
 
-    final = run_eval(steps)
-    if ckpt:
-      ckpt.close()
+      final = run_eval(steps)
+      completed = True
+    finally:
+      if ckpt and completed:
+        ckpt.close()
+      elif ckpt:  # stopping early: finish the saves already started; the first error is the one to report
+        try:
+          ckpt.close()
+        except UserError:
+          pass
   writer.close()
   wall = time.perf_counter() - t0
   return RunResult(final, steps - start, start, wall, graphdef, state, mesh)
