@@ -31,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("experiment", help="experiment file, e.g. experiments/digits_cnn.py")
   t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
   t.add_argument("--workdir", default=None, help="run directory (default runs/<experiment name>)")
+
+  l = sub.add_parser("launch", help="run a dcmodel command as N processes on this machine (jax.distributed, CPU collectives)")
+  l.add_argument("--processes", type=int, required=True)
+  l.add_argument("--devices-per-process", type=int, default=None,
+                 help="simulated CPU devices per process (default: --host-devices / processes)")
+  l.add_argument("experiment")
+  l.add_argument("rest", nargs=argparse.REMAINDER, help="train arguments (--set ..., --workdir ...)")
   return p
 
 
@@ -53,14 +60,28 @@ def cmd_train(args) -> int:
   return 0
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_launch(args) -> int:
+  from dcmodel.errors import UserError
+  from dcmodel.launch import launch
+  if args.processes < 1:
+    raise UserError(f"--processes must be >= 1, got {args.processes}")
+  per = args.devices_per_process or args.host_devices // args.processes
+  if per < 1:
+    raise UserError(f"--host-devices {args.host_devices} cannot be shared by {args.processes} processes")
+  return launch(args.processes, per, ["train", args.experiment, *args.rest])
+
+
+COMMANDS = {"train": cmd_train, "launch": cmd_launch}
 
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  _set_host_devices(args.host_devices)
   from dcmodel.errors import UserError
   try:
+    if args.command != "launch":
+      _set_host_devices(args.host_devices)
+      from dcmodel.launch import initialize
+      initialize()
     return COMMANDS[args.command](args)
   except UserError as e:
     if args.debug:

@@ -23,7 +23,13 @@ from dcmodel.train.metrics import read
 
 
 def saved_state(workdir, step):
-  return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state")))
+  """A checkpoint's arrays, onto one local device (whatever topology wrote them)."""
+  path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
+  ckptr = ocp.StandardCheckpointer()
+  meta = ckptr.metadata(path).item_metadata
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+  return ckptr.restore(path, target)
 
 
 def assert_trees_equal(a, b):

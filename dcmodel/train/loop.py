@@ -68,7 +68,7 @@ def _prepare_workdir(cfg: Config, workdir: Path, need_bytes: int) -> None:
   not another model's, and room for the checkpoints."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".dcmodel-write-probe"
+    probe = workdir / f".dcmodel-write-probe-{jax.process_index()}"
     probe.write_bytes(b"x" * 4096)
     probe.unlink()
   except OSError as e:
