@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
   workdir = args.workdir or os.path.join("runs", cfg.name)
   result = train(cfg, workdir)
   m = result.final_eval
-  acc = f" accuracy {m['accuracy']:.4f}" if "accuracy" in m else ""
+  acc = "".join(f" {k} {m[k]:.4f}" for k in ("accuracy", "auc", "bits_per_byte") if k in m)
   print(f"[dcmodel] {cfg.name}: step {result.start_step + result.steps_run}, test loss {m['loss']:.4f}{acc} "
         f"on {m['examples']} examples; {result.steps_run} steps in {result.wall_s:.1f}s "
         f"on mesh {dict(result.mesh.shape)}; workdir {workdir}")

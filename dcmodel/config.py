@@ -52,6 +52,9 @@ class MeshConfig:
       ("conv_out", "model"),
       ("table_rows", "model"),
       ("stage", "stage"),
+      ("act_mlp", "model"),
+      ("act_heads", "model"),
+      ("act_vocab", "model"),
   )
 
 

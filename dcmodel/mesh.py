@@ -19,8 +19,11 @@ from dcmodel.errors import UserError
 AXES = ("stage", "data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")  # a global batch is split over these
 # Every logical axis a model may name; those without a rule are replicated.
+# Parameters and activations have separate names (as in MaxText), so FSDP can split a weight's
+# embed dimension while the activations' embed dimension stays whole.
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "conv_in",
-                "conv_out", "classes", "table_rows", "table_dim", "layers", "stage")
+                "conv_out", "classes", "table_rows", "table_dim", "layers", "stage",
+                "act_length", "act_embed", "act_mlp", "act_heads", "act_vocab")
 
 
 def axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
@@ -96,3 +99,13 @@ def rules_for(cfg: MeshConfig, mesh: Mesh) -> tuple[tuple[str, object], ...]:
   if unknown:
     raise UserError(f"mesh.rules names unknown logical axes {unknown}; known: {', '.join(LOGICAL_AXES)}")
   return tuple((logical, keep(given.get(logical))) for logical in LOGICAL_AXES)
+
+
+def constrain(x, logical_axes: tuple):
+  """Pin an activation's layout by logical axes (under the active rules and mesh); a no-op
+  outside a mesh, so models also run unsharded."""
+  from flax.core import spmd
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(*spmd.apply_rules(logical_axes, None)))

@@ -26,6 +26,7 @@ class Source:
   valid_range: tuple[float, float] = (-np.inf, np.inf)
   num_classes: int | None = None
   normalize: str | None = "per_feature"   # per_feature | global | None
+  info: dict = dataclasses.field(default_factory=dict)   # e.g. bayes_auc of a planted source
 
 
 _SOURCES = {}
@@ -154,3 +155,6 @@ def check_fits_model(source: Source, prepared, model_cfg) -> None:
       if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() >= n)):
         raise UserError(f"data '{source.name}' split '{split}' has labels outside 0..{n - 1} (dtype {y.dtype}, "
                         f"range {y.min()}..{y.max()}) for model '{model_cfg.name}' with {n} classes")
+
+
+from dcmodel.data import clicks, text  # noqa: E402,F401  (register their sources)

@@ -56,11 +56,16 @@ def _check_workdir(cfg: Config, workdir: Path) -> None:
                       f"use another --workdir or delete it")
 
 
-def evaluate(eval_step, state, prepared, feature: str, global_batch_size: int, sharding, split: str = "test") -> dict:
+def evaluate(eval_step, state, prepared, feature: str, global_batch_size: int, sharding, task: str,
+             split: str = "test") -> dict:
   ds = pipeline.eval_batches(prepared.splits[split], feature, prepared.normalizer, global_batch_size)
-  sums = [eval_step(state, pipeline.to_device(ds[i], sharding)) for i in range(len(ds))]
-  total = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(sums))
-  return tasks.summarize(total)
+  outs = jax.device_get([eval_step(state, pipeline.to_device(ds[i], sharding)) for i in range(len(ds))])
+  total = {k: float(np.sum([o[k] for o in outs])) for k in outs[0] if k not in tasks.PER_EXAMPLE}
+  metrics = tasks.summarize(total, task)
+  if "scores" in outs[0]:  # per-example outputs are replicated, so every process sees the whole split
+    scores, labels, weights = (np.concatenate([np.ravel(o[k]) for o in outs]) for k in tasks.PER_EXAMPLE)
+    metrics["auc"] = tasks.auc(scores[weights > 0], labels[weights > 0])
+  return metrics
 
 
 def _prepare_workdir(cfg: Config, workdir: Path, need_bytes: int) -> None:
@@ -110,8 +115,8 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
   if jax.process_index() == 0:
     config_lib.save(cfg, workdir)
   writer = MetricsWriter(workdir / "metrics.jsonl")
-  writer.write({"step": 0, "split": "data", **{f"{s}_{k}": v for s, r in prepared.reports.items()
-                                               for k, v in dataclasses.asdict(r).items()}})
+  writer.write({"step": 0, "split": "data", **source.info, **{f"{s}_{k}": v for s, r in prepared.reports.items()
+                                                              for k, v in dataclasses.asdict(r).items()}})
   data_sharding = batch_sharding(mesh)
   it = pipeline.train_iterator(prepared.splits["train"], source.feature, prepared.normalizer,
                                cfg.data.global_batch_size, cfg.data.shuffle_seed,
@@ -123,11 +128,13 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
     start, state = ckpt.restore_latest(target, it) if ckpt else (0, None)
     if state is None:
       state = state_lib.init_state(cfg, shardings)
-    train_step = make_train_step(graphdef, task_fn, shardings, data_sharding)
-    eval_step = make_eval_step(graphdef, task_fn, shardings, data_sharding)
+    inputs = getattr(cfg.model, "inputs", ("x",))
+    train_step = make_train_step(graphdef, task_fn, shardings, data_sharding, inputs)
+    eval_step = make_eval_step(graphdef, task_fn, shardings, data_sharding, inputs)
 
     def run_eval(step):
-      metrics = evaluate(eval_step, state, prepared, source.feature, cfg.data.eval_batch_size, data_sharding)
+      metrics = evaluate(eval_step, state, prepared, source.feature, cfg.data.eval_batch_size, data_sharding,
+                         cfg.model.task)
       writer.write({"step": step, "split": "eval", **metrics})
       return metrics
 
@@ -150,7 +157,7 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
           total = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(pending))  # the one host sync
           elapsed = time.perf_counter() - window_start
           skipped += int(total.pop("nonfinite"))
-          metrics = tasks.summarize(total)
+          metrics = tasks.summarize(total, cfg.model.task)
           writer.write({"step": done, "split": "train", **metrics, "skipped_nonfinite_steps": skipped,
                         "steps_per_s": len(pending) / elapsed, "examples_per_s": metrics["examples"] / elapsed})
           bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.3f}")

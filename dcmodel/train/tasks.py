@@ -2,34 +2,43 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dcmodel.errors import UserError
 
 
-def classification(logits, batch):
-  mask = batch["mask"]
-  per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["y"])
-  correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+def _masked(per_example, correct, mask):
+  """(mean loss over real examples, masked sums) for per-example losses and hits."""
   count = jnp.sum(mask)
-  loss = jnp.sum(per_example * mask) / jnp.maximum(count, 1.0)
-  return loss, {"loss_sum": jnp.sum(per_example * mask), "correct": jnp.sum(correct * mask), "count": count}
+  loss_sum = jnp.sum(per_example * mask)
+  return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": jnp.sum(correct * mask), "count": count}
+
+
+def classification(logits, batch):
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["y"])
+  return _masked(per_example, (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32), batch["mask"])
 
 
 def binary(logits, batch):
-  mask = batch["mask"]
   logits = logits.reshape(logits.shape[0]).astype(jnp.float32)
   y = batch["y"].astype(jnp.float32)
-  per_example = optax.sigmoid_binary_cross_entropy(logits, y)
   correct = ((logits > 0).astype(jnp.float32) == y).astype(jnp.float32)
-  count = jnp.sum(mask)
-  loss = jnp.sum(per_example * mask) / jnp.maximum(count, 1.0)
-  return loss, {"loss_sum": jnp.sum(per_example * mask), "correct": jnp.sum(correct * mask), "count": count}
+  loss, sums = _masked(optax.sigmoid_binary_cross_entropy(logits, y), correct, batch["mask"])
+  return loss, {**sums, "scores": logits, "labels": y, "weights": batch["mask"]}  # for AUC at eval
 
 
-TASKS = {"classification": classification, "binary": binary}
+def lm(logits, batch):
+  """Next-token prediction: x holds the inputs, y the targets; losses are per token (nats)."""
+  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"].astype(jnp.int32))
+  mask = jnp.broadcast_to(batch["mask"][:, None], per_token.shape)
+  correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+  return _masked(per_token, correct, mask)
+
+
+PER_EXAMPLE = ("scores", "labels", "weights")   # eval outputs kept per example, not summed
+TASKS = {"classification": classification, "binary": binary, "lm": lm}
 
 
 def get(name: str):
@@ -38,11 +47,18 @@ def get(name: str):
   return TASKS[name]
 
 
-def summarize(sums: dict) -> dict[str, float]:
-  """Masked sums (host floats) -> the reported means."""
+def summarize(sums: dict, task: str | None = None) -> dict[str, float]:
+  """Masked sums (host floats) -> the reported means (per example, or per token for lm)."""
   count = max(float(sums["count"]), 1.0)
   out = {"loss": float(sums["loss_sum"]) / count}
+  if task == "lm":  # byte-level vocabulary: nats per token -> bits per byte
+    out["bits_per_byte"] = out["loss"] / float(np.log(2))
   if "correct" in sums:
     out["accuracy"] = float(sums["correct"]) / count
   out["examples"] = int(sums["count"])
   return out
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+  from sklearn.metrics import roc_auc_score
+  return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")

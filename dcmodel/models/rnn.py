@@ -1,0 +1,62 @@
+"""`gru`: the documents' recurrent classifier (financial sentiment), over byte sequences.
+
+The recurrence is `nnx.scan` over time (one compiled cell, not a Python loop); the final
+hidden state feeds a linear head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dcmodel.errors import UserError
+from dcmodel.models.layers import dense, param_init
+from dcmodel.models.registry import register
+
+
+@register("gru")
+@dataclasses.dataclass(frozen=True)
+class GRUConfig:
+  vocab_size: int = 256
+  seq_len: int = 256
+  embed_dim: int = 64
+  hidden: int = 256
+  num_outputs: int = 10
+  task: str = "classification"
+  name: ClassVar[str]
+
+  def validate(self):
+    for f in ("vocab_size", "seq_len", "embed_dim", "hidden", "num_outputs"):
+      if getattr(self, f) <= 0:
+        raise UserError(f"model.{f} must be positive, got {getattr(self, f)}")
+
+  def input_shape(self):
+    return (self.seq_len,)
+
+  def make(self, rngs):
+    return GRU(self, rngs=rngs)
+
+
+class GRU(nnx.Module):
+  def __init__(self, cfg: GRUConfig, *, rngs):
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs,
+                           embedding_init=param_init(("vocab", "embed"), nnx.initializers.normal(0.1)))
+    self.cell = nnx.GRUCell(cfg.embed_dim, cfg.hidden, rngs=rngs,
+                            kernel_init=param_init(("embed", "mlp")), recurrent_kernel_init=param_init((None, "mlp"), nnx.initializers.orthogonal()))
+    self.head = dense(cfg.hidden, cfg.num_outputs, (None, "classes"), rngs=rngs)
+    self.hidden = cfg.hidden
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)                                          # (batch, length, embed)
+    h0 = jnp.zeros((x.shape[0], self.hidden), x.dtype)
+
+    @nnx.scan(in_axes=(nnx.Carry, None, 1), out_axes=nnx.Carry)
+    def step(h, cell, xt):
+      h, _ = cell(h, xt)
+      return h
+
+    return self.head(step(h0, self.cell, x))

@@ -1,0 +1,223 @@
+"""Transformers: `gpt` (decoder-only LM) and `bert` (encoder + classification head).
+
+One block serves both (causal or not). Shapes cover GPT-2/3 (LayerNorm, GELU, learned
+positions, biases, tied embeddings) and Llama (RMSNorm, SwiGLU, RoPE, GQA, no biases).
+Every parameter names logical axes; activations are constrained at block boundaries so XLA
+keeps the batch split over the batch axes whatever the rules do with the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dcmodel.errors import UserError
+from dcmodel.mesh import constrain
+from dcmodel.models.layers import param_init, zeros
+from dcmodel.models.registry import register
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  vocab_size: int = 256
+  max_len: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0            # 0: same as num_heads (multi-head); fewer: grouped-query attention
+  d_ff: int = 1024
+  mlp: str = "gelu"                # gelu | swiglu
+  norm: str = "layernorm"          # layernorm | rmsnorm
+  positions: str = "learned"       # learned | rope
+  tie_embeddings: bool = True
+  use_bias: bool = True
+  dropout: float = 0.0
+  dtype: str = "float32"           # compute dtype; parameters and optimizer state stay float32
+  remat: str = "none"              # none | block | dots
+  name: ClassVar[str]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  def validate(self):
+    for field in ("vocab_size", "max_len", "d_model", "num_layers", "num_heads", "d_ff"):
+      if getattr(self, field) <= 0:
+        raise UserError(f"model.{field} must be positive, got {getattr(self, field)}")
+    if self.d_model % self.num_heads:
+      raise UserError(f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}")
+    if self.num_heads % self.kv_heads:
+      raise UserError(f"model.num_kv_heads={self.kv_heads} does not divide model.num_heads={self.num_heads}")
+    for field, allowed in (("mlp", ("gelu", "swiglu")), ("norm", ("layernorm", "rmsnorm")),
+                           ("positions", ("learned", "rope")), ("dtype", tuple(DTYPES)), ("remat", tuple(REMAT))):
+      if getattr(self, field) not in allowed:
+        raise UserError(f"model.{field}='{getattr(self, field)}' is not one of {', '.join(allowed)}")
+    if self.positions == "rope" and self.head_dim % 2:
+      raise UserError(f"rope needs an even head dimension, got d_model/num_heads={self.head_dim}")
+
+
+@register("gpt")
+@dataclasses.dataclass(frozen=True)
+class GPTConfig(TransformerConfig):
+  task: str = "lm"
+
+  def input_shape(self):
+    return (self.max_len,)
+
+  def make(self, rngs):
+    return GPT(self, rngs=rngs)
+
+
+@register("bert")
+@dataclasses.dataclass(frozen=True)
+class BERTConfig(TransformerConfig):
+  num_outputs: int = 10
+  task: str = "classification"
+
+  def input_shape(self):
+    return (self.max_len,)
+
+  def make(self, rngs):
+    return BERT(self, rngs=rngs)
+
+
+def _norm(cfg, rngs):
+  scale = nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",))
+  if cfg.norm == "rmsnorm":
+    return nnx.RMSNorm(cfg.d_model, scale_init=scale, rngs=rngs)
+  return nnx.LayerNorm(cfg.d_model, scale_init=scale, bias_init=zeros(("embed",)), use_bias=cfg.use_bias, rngs=rngs)
+
+
+def rope(x, positions, base: float = 10000.0):
+  """Rotary embedding on (..., length, heads, head_dim)."""
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[:, None].astype(jnp.float32) * freq[None, :]            # (length, half)
+  sin, cos = jnp.sin(angle)[:, None, :], jnp.cos(angle)[:, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, *, rngs):
+    d, h, k, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    fan_in_d = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    self.wq = nnx.Param(param_init(("embed", "heads", "head_dim"), fan_in_d)(rngs.params(), (d, h, hd)))
+    self.wk = nnx.Param(param_init(("embed", "kv_heads", "head_dim"), fan_in_d)(rngs.params(), (d, k, hd)))
+    self.wv = nnx.Param(param_init(("embed", "kv_heads", "head_dim"), fan_in_d)(rngs.params(), (d, k, hd)))
+    self.wo = nnx.Param(param_init(("heads", "head_dim", "embed"),
+                                   nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2))(rngs.params(), (h, hd, d)))
+    self.bo = nnx.Param(zeros(("embed",))(rngs.params(), (d,))) if cfg.use_bias else None
+    self.cfg = cfg
+
+  def __call__(self, x, causal: bool, positions, dtype):
+    cfg = self.cfg
+    q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dtype))
+    k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dtype))
+    v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(dtype))
+    if cfg.positions == "rope":
+      q, k = rope(q, positions), rope(k, positions)
+    q = constrain(q, ("batch", "act_length", "act_heads", None))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)            # GQA: k/v heads are shared
+    out = constrain(out, ("batch", "act_length", "act_heads", None))
+    y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
+    return y + self.bo[...].astype(dtype) if self.bo is not None else y
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, *, rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    self.wi = nnx.Param(param_init(("embed", "mlp"))(rngs.params(), (d, f)))
+    self.wg = nnx.Param(param_init(("embed", "mlp"))(rngs.params(), (d, f))) if cfg.mlp == "swiglu" else None
+    self.wo = nnx.Param(param_init(("mlp", "embed"))(rngs.params(), (f, d)))
+    self.bi = nnx.Param(zeros(("mlp",))(rngs.params(), (f,))) if cfg.use_bias else None
+    self.bo = nnx.Param(zeros(("embed",))(rngs.params(), (d,))) if cfg.use_bias else None
+
+  def __call__(self, x, dtype):
+    h = x @ self.wi[...].astype(dtype)
+    if self.bi is not None:
+      h = h + self.bi[...].astype(dtype)
+    h = jax.nn.silu(x @ self.wg[...].astype(dtype)) * h if self.wg is not None else jax.nn.gelu(h)
+    h = constrain(h, ("batch", "act_length", "act_mlp"))
+    y = h @ self.wo[...].astype(dtype)
+    return y + self.bo[...].astype(dtype) if self.bo is not None else y
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, *, rngs):
+    self.norm1, self.attn = _norm(cfg, rngs), Attention(cfg, rngs=rngs)
+    self.norm2, self.mlp = _norm(cfg, rngs), MLP(cfg, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout else None
+
+  def __call__(self, x, causal, positions, dtype):
+    drop = self.dropout if self.dropout is not None else (lambda y: y)
+    x = x + drop(self.attn(self.norm1(x).astype(dtype), causal, positions, dtype))
+    x = x + drop(self.mlp(self.norm2(x).astype(dtype), dtype))
+    return constrain(x, ("batch", "act_length", "act_embed"))
+
+
+class Trunk(nnx.Module):
+  """Embeddings, positions and the stack of blocks."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
+                           embedding_init=param_init(("vocab", "embed"), nnx.initializers.normal(0.02)))
+    self.pos = (nnx.Param(param_init((None, "embed"), nnx.initializers.normal(0.02))(rngs.params(), (cfg.max_len, cfg.d_model)))
+                if cfg.positions == "learned" else None)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = _norm(cfg, rngs)
+
+  def __call__(self, tokens, causal: bool):
+    cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
+    length = tokens.shape[1]
+    positions = jnp.arange(length)
+    x = self.embed(tokens)
+    if self.pos is not None:
+      x = x + self.pos[...][:length]
+    x = constrain(x.astype(dtype), ("batch", "act_length", "act_embed"))
+    policy = REMAT[cfg.remat]
+    for block in self.blocks:
+      if cfg.remat != "none":
+        x = nnx.remat(lambda b, y: b(y, causal, positions, dtype), policy=policy)(block, x)
+      else:
+        x = block(x, causal, positions, dtype)
+    return self.final_norm(x)
+
+
+class GPT(nnx.Module):
+  def __init__(self, cfg: GPTConfig, *, rngs):
+    self.trunk = Trunk(cfg, rngs=rngs)
+    self.unembed = (None if cfg.tie_embeddings else
+                    nnx.Param(param_init(("embed", "vocab"))(rngs.params(), (cfg.d_model, cfg.vocab_size))))
+
+  def __call__(self, tokens):
+    x = self.trunk(tokens, causal=True)
+    dtype = x.dtype
+    w = self.trunk.embed.embedding[...].T if self.unembed is None else self.unembed[...]
+    return constrain((x @ w.astype(dtype)).astype(jnp.float32), ("batch", "act_length", "act_vocab"))
+
+
+class BERT(nnx.Module):
+  """Encoder with mean pooling over the sequence and a linear classification head."""
+
+  def __init__(self, cfg: BERTConfig, *, rngs):
+    self.trunk = Trunk(cfg, rngs=rngs)
+    self.head = nnx.Linear(cfg.d_model, cfg.num_outputs, rngs=rngs,
+                           kernel_init=param_init(("embed", "classes")), bias_init=zeros(("classes",)))
+
+  def __call__(self, tokens):
+    x = self.trunk(tokens, causal=False)
+    return self.head(x.mean(axis=1).astype(jnp.float32))
