@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
   t.add_argument("--workdir", default=None, help="run directory (default runs/<experiment name>)")
 
+  i = sub.add_parser("inspect", help="parameter count and bytes per device, without allocating (any size)")
+  i.add_argument("experiment")
+  i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  i.add_argument("--compile", action="store_true", help="also AOT-compile the train step: XLA's per-device memory and FLOPs")
+  i.add_argument("--json", action="store_true")
+
   l = sub.add_parser("launch", help="run a dcmodel command as N processes on this machine (jax.distributed, CPU collectives)")
   l.add_argument("--processes", type=int, required=True)
   l.add_argument("--devices-per-process", type=int, default=None,
@@ -60,6 +66,23 @@ def cmd_train(args) -> int:
   return 0
 
 
+def cmd_inspect(args) -> int:
+  import json
+  from dcmodel.inspect import describe
+  info = describe(_load_config(args), compile=args.compile)
+  if args.json:
+    print(json.dumps(info, indent=2))
+    return 0
+  gib = lambda b: f"{b / 2**30:.3f} GiB"
+  print(f"{info['model']}: {info['params']:,} parameters ({gib(info['param_bytes_total'])}); mesh {info['mesh']}")
+  print(f"  per device: parameters {gib(info['param_bytes_per_device'])}, parameters + optimizer state {gib(info['state_bytes_per_device'])}")
+  if "compiled" in info:
+    c = info["compiled"]
+    print(f"  compiled step per device: arguments {gib(c['argument_bytes'])}, outputs {gib(c['output_bytes'])}, "
+          f"temporaries {gib(c['temp_bytes'])}, {c['flops_per_device']:.3e} FLOPs")
+  return 0
+
+
 def cmd_launch(args) -> int:
   from dcmodel.errors import UserError
   from dcmodel.launch import launch
@@ -71,7 +94,7 @@ def cmd_launch(args) -> int:
   return launch(args.processes, per, ["train", args.experiment, *args.rest])
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch}
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "launch": cmd_launch}
 
 
 def main(argv=None) -> int:

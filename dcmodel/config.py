@@ -79,6 +79,7 @@ class TrainConfig:
   log_every: int = 50
   eval_every: int = 0            # 0: only at the end
   nonfinite: str = "skip"        # a NaN/Inf loss or gradient: skip the update (counted) | stop
+  grad_accum_steps: int = 1      # microbatches per step; gradients are averaged before the update
   progress: bool = True
 
 
@@ -257,6 +258,7 @@ def validate(cfg: Config) -> None:
       "checkpoint.every_steps": cfg.checkpoint.every_steps,
       "checkpoint.max_to_keep": cfg.checkpoint.max_to_keep,
       "data.read_threads": cfg.data.read_threads,
+      "train.grad_accum_steps": cfg.train.grad_accum_steps,
   }
   for key, value in positive.items():
     if value <= 0:

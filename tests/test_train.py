@@ -97,3 +97,17 @@ def test_metrics_file_has_train_and_eval_records(tmp_path):
       assert {"step", "split", "loss", "accuracy"} <= set(r) and 0 <= r["accuracy"] <= 1
   assert [r for r in records if r["split"] == "eval"][-1]["examples"] == 360
   assert (tmp_path / "w" / "config.json").exists()
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+  def run(accum):
+    cfg = experiment("digits_mlp", "train.steps=5", "train.log_every=1", "checkpoint.enabled=false",
+                     f"train.grad_accum_steps={accum}")
+    r = train(cfg, tmp_path / f"a{accum}")
+    return r, np.array([m["loss"] for m in read(tmp_path / f"a{accum}" / "metrics.jsonl") if m["split"] == "train"])
+  one, l1 = run(1)
+  four, l4 = run(4)
+  np.testing.assert_allclose(l4, l1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(state_lib.params(four.graphdef, four.state)),
+               jax.device_get(state_lib.params(one.graphdef, one.state)))

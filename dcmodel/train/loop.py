@@ -22,7 +22,7 @@ from dcmodel.checkpoint import Checkpointer, check_disk_space, state_bytes
 from dcmodel.config import Config
 from dcmodel.data import pipeline, preprocess, sources
 from dcmodel.errors import UserError
-from dcmodel.mesh import batch_sharding, build_mesh, check_batch, rules_for
+from dcmodel.mesh import batch_divisor, batch_sharding, build_mesh, check_batch, rules_for
 from dcmodel.train import state as state_lib
 from dcmodel.train import tasks
 from dcmodel.train.metrics import MetricsWriter
@@ -98,6 +98,9 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
   rules = rules_for(cfg.mesh, mesh)
   check_batch(cfg.data.global_batch_size, mesh)
   check_batch(cfg.data.eval_batch_size, mesh, "data.eval_batch_size")
+  if cfg.data.global_batch_size % (cfg.train.grad_accum_steps * batch_divisor(mesh)):
+    raise UserError(f"data.global_batch_size={cfg.data.global_batch_size} must be a multiple of train.grad_accum_steps "
+                    f"x batch axes = {cfg.train.grad_accum_steps} x {batch_divisor(mesh)}")
   task_fn = tasks.get(cfg.model.task)
   if cfg.train.nonfinite not in ("skip", "stop"):
     raise UserError(f"train.nonfinite must be 'skip' or 'stop', got '{cfg.train.nonfinite}'")
@@ -129,7 +132,7 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
     if state is None:
       state = state_lib.init_state(cfg, shardings)
     inputs = getattr(cfg.model, "inputs", ("x",))
-    train_step = make_train_step(graphdef, task_fn, shardings, data_sharding, inputs)
+    train_step = make_train_step(graphdef, task_fn, shardings, data_sharding, inputs, cfg.train.grad_accum_steps)
     eval_step = make_eval_step(graphdef, task_fn, shardings, data_sharding, inputs)
 
     def run_eval(step):

@@ -10,22 +10,42 @@ from dcmodel.mesh import replicated
 from dcmodel.train.tasks import PER_EXAMPLE
 
 
-def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=("x",)):
+def _grads(model, task_fn, batch, inputs, accum: int):
+  """(loss, metric sums, grads w.r.t. the Params); with accum > 1, averaged over `accum`
+  microbatches taken as rows j, j+accum, ... so each device keeps its own rows (no resharding)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(p, b):
+    loss, sums = task_fn(nnx.merge(graphdef, p, rest)(*[b[k] for k in inputs]), b)
+    return loss, {k: v for k, v in sums.items() if k not in PER_EXAMPLE}
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    (loss, sums), grads = grad_fn(params, batch)
+    return loss, sums, grads
+  micro = jax.tree.map(lambda v: v.reshape(v.shape[0] // accum, accum, *v.shape[1:]).swapaxes(0, 1), batch)
+
+  def body(carry, b):
+    (l, s), g = grad_fn(params, b)
+    return jax.tree.map(jnp.add, carry, (l, s, g)), None
+
+  (l0, s0), g0 = grad_fn(params, jax.tree.map(lambda v: v[0], micro))
+  (loss, sums, grads), _ = jax.lax.scan(body, (l0, s0, g0), jax.tree.map(lambda v: v[1:], micro))
+  return loss / accum, sums, jax.tree.map(lambda g: g / accum, grads)
+
+
+def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=("x",), accum: int = 1):
   def train_step(state, batch):
     old_leaves = jax.tree.leaves(state)  # before merge: the update mutates the merged Variables
     model, opt = nnx.merge(graphdef, state)
     model.train()
-
-    def loss_fn(m):
-      return task_fn(m(*[batch[k] for k in inputs]), batch)
-
-    (loss, sums), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    loss, sums, grads = _grads(model, task_fn, batch, inputs, accum)
     opt.update(model, grads)
     # A non-finite loss or gradient leaves the state as it was; the loop counts and reports it.
     finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     new_leaves, treedef = jax.tree.flatten(nnx.state((model, opt)))
     new_state = jax.tree.unflatten(treedef, [jnp.where(finite, n, o) for n, o in zip(new_leaves, old_leaves)])
-    sums = {k: jnp.where(finite, v, 0.0) for k, v in sums.items() if k not in PER_EXAMPLE}
+    sums = {k: jnp.where(finite, v, 0.0) for k, v in sums.items()}
     return new_state, {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
   rep = replicated(batch_sharding.mesh)
