@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
   t.add_argument("--workdir", default=None, help="run directory (default runs/<experiment name>)")
 
+  g = sub.add_parser("ingest", help="store an experiment's data source as ArrayRecord shards + manifest")
+  g.add_argument("experiment")
+  g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  g.add_argument("--out", required=True, help="directory to create")
+  g.add_argument("--shards", type=int, default=4, help="train-split shards")
+
   i = sub.add_parser("inspect", help="parameter count and bytes per device, without allocating (any size)")
   i.add_argument("experiment")
   i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -66,6 +72,16 @@ def cmd_train(args) -> int:
   return 0
 
 
+def cmd_ingest(args) -> int:
+  from dcmodel.data import storage
+  m = storage.ingest(_load_config(args).data, args.out, args.shards)
+  counts = {s: sum(e["records"] for e in v) for s, v in m["splits"].items()}
+  print(f"[dcmodel] ingested {m['source']} into {args.out}: {counts} records, "
+        f"{sum(len(v) for v in m['splits'].values())} files; train with --set data.source=arrayrecord "
+        f"--set data.options=\"{{'path': '{args.out}'}}\"")
+  return 0
+
+
 def cmd_inspect(args) -> int:
   import json
   from dcmodel.inspect import describe
@@ -94,7 +110,7 @@ def cmd_launch(args) -> int:
   return launch(args.processes, per, ["train", args.experiment, *args.rest])
 
 
-COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "launch": cmd_launch}
+COMMANDS = {"train": cmd_train, "ingest": cmd_ingest, "inspect": cmd_inspect, "launch": cmd_launch}
 
 
 def main(argv=None) -> int:

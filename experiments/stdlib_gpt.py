@@ -12,7 +12,7 @@ def get_config() -> Config:
                               d_ff=1024, mlp="gelu", norm="rmsnorm", positions="rope", tie_embeddings=True,
                               use_bias=False),
       data=DataConfig(source="stdlib_text", global_batch_size=32, eval_batch_size=64,
-                      options={"seq_len": seq, "holdout_every": 50, "max_test_windows": 1024}),
+                      options={"seq_len": seq, "holdout_every": 50, "max_test_windows": 100_000}),
       mesh=MeshConfig(data=-1),
       optimizer=OptimizerConfig(name="adamw", learning_rate=3e-3, schedule="warmup_cosine", warmup_steps=100,
                                 min_learning_rate_ratio=0.1, weight_decay=0.01, b2=0.95, grad_clip_norm=1.0),

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from dcmodel.data.preprocess import Normalizer
-from dcmodel.data.sources import Columns
+from dcmodel.data.sources import Columns, num_rows, take
 
 
 class Gather(grain.transforms.Map):
@@ -26,8 +26,7 @@ class Gather(grain.transforms.Map):
   def map(self, idx: np.ndarray) -> dict[str, np.ndarray]:
     idx = np.asarray(idx)
     valid = idx >= 0
-    rows = np.where(valid, idx, 0)
-    batch = {k: v[rows] for k, v in self.cols.items()}
+    batch = take(self.cols, np.where(valid, idx, 0))
     if self.normalizer is not None:
       batch[self.feature] = self.normalizer(batch[self.feature])
     batch["mask"] = valid.astype(np.float32)
@@ -38,7 +37,7 @@ def train_iterator(cols: Columns, feature: str, normalizer, global_batch_size: i
                    read_threads: int = 1, prefetch: int = 4) -> grain.DatasetIterator:
   """An endless, per-epoch reshuffled iterator of this process's part of each global batch."""
   p, count = jax.process_index(), jax.process_count()
-  ds = grain.MapDataset.range(len(cols["id"])).seed(seed).shuffle().repeat()
+  ds = grain.MapDataset.range(num_rows(cols)).seed(seed).shuffle().repeat()
   ds = ds[p::count].batch(global_batch_size // count, drop_remainder=True)
   ds = ds.map(Gather(cols, feature, normalizer))
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)))
@@ -47,7 +46,7 @@ def train_iterator(cols: Columns, feature: str, normalizer, global_batch_size: i
 def eval_batches(cols: Columns, feature: str, normalizer, global_batch_size: int):
   """One pass over a split in order, the last global batch padded (mask 0) to full size."""
   p, count = jax.process_index(), jax.process_count()
-  n = len(cols["id"])
+  n = num_rows(cols)
   padded = -(-n // global_batch_size) * global_batch_size
   idx = np.concatenate([np.arange(n), -np.ones(padded - n, np.int64)])
   ds = grain.MapDataset.source(idx)[p::count].batch(global_batch_size // count).map(Gather(cols, feature, normalizer))

@@ -64,10 +64,16 @@ class Prepared:
 def prepare(source: Source, normalize: bool = True) -> Prepared:
   splits, reports = {}, {}
   for name, cols in source.splits.items():
+    if not isinstance(cols, dict):   # stored rows (an ingested data set) were cleaned at ingest time
+      splits[name], reports[name] = cols, CleanReport(len(cols), 0, 0)
+      continue
     splits[name], reports[name] = clean(cols, source.feature, source.valid_range)
     if reports[name].kept == 0:
       raise UserError(f"data source '{source.name}' split '{name}' has no valid rows after cleaning "
                       f"({reports[name].dropped_nonfinite} non-finite, {reports[name].dropped_out_of_range} out of range)")
-  normalizer = (Normalizer.fit(splits["train"][source.feature], per_feature=source.normalize == "per_feature")
-                if normalize and source.normalize else None)
+  if source.normalizer is not None:
+    normalizer = source.normalizer
+  else:
+    normalizer = (Normalizer.fit(splits["train"][source.feature], per_feature=source.normalize == "per_feature")
+                  if normalize and source.normalize else None)
   return Prepared(splits, normalizer, reports, source.num_classes)

@@ -27,6 +27,16 @@ class Source:
   num_classes: int | None = None
   normalize: str | None = "per_feature"   # per_feature | global | None
   info: dict = dataclasses.field(default_factory=dict)   # e.g. bayes_auc of a planted source
+  normalizer: object = None                               # pre-fitted (an ingested data set's manifest)
+
+
+def num_rows(split) -> int:
+  """Rows of a split: in-memory columns, or any object with __len__ and take(idx) (storage.RecordRows)."""
+  return len(split["id"]) if isinstance(split, dict) else len(split)
+
+
+def take(split, idx: np.ndarray) -> Columns:
+  return {k: v[idx] for k, v in split.items()} if isinstance(split, dict) else split.take(idx)
 
 
 _SOURCES = {}
@@ -141,20 +151,20 @@ def csv(cfg: DataConfig) -> Source:
 
 def check_fits_model(source: Source, prepared, model_cfg) -> None:
   """The data must have the shape the model reads and labels the model can predict."""
-  x = prepared.splits["train"][source.feature]
+  x = take(prepared.splits["train"], np.arange(min(num_rows(prepared.splits["train"]), 4096)))[source.feature]
   expected = getattr(model_cfg, "input_shape", None)
   if expected is not None:
     want = tuple(expected())
     have = tuple(x.shape[1:])
     if int(np.prod(have)) != int(np.prod(want)):
       raise UserError(f"data '{source.name}' has examples of shape {have}, but model '{model_cfg.name}' expects {want}")
-  if "y" in prepared.splits["train"] and getattr(model_cfg, "task", None) in ("classification", "binary"):
+  if "y" in take(prepared.splits["train"], np.arange(1)) and getattr(model_cfg, "task", None) in ("classification", "binary"):
     n = model_cfg.num_outputs if model_cfg.task == "classification" else 2
     for split, cols in prepared.splits.items():
-      y = cols["y"]
+      y = take(cols, np.arange(min(num_rows(cols), 100_000)))["y"]
       if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() >= n)):
         raise UserError(f"data '{source.name}' split '{split}' has labels outside 0..{n - 1} (dtype {y.dtype}, "
                         f"range {y.min()}..{y.max()}) for model '{model_cfg.name}' with {n} classes")
 
 
-from dcmodel.data import clicks, text  # noqa: E402,F401  (register their sources)
+from dcmodel.data import clicks, storage, text  # noqa: E402,F401  (register their sources)

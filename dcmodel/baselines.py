@@ -1,0 +1,40 @@
+"""Baselines the zoo must beat, fitted on exactly the training data the models see."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def byte_histograms(x: np.ndarray) -> np.ndarray:
+  """(N, L) bytes -> (N, 256) normalized byte counts."""
+  counts = np.zeros((len(x), 256), np.float32)
+  np.add.at(counts, (np.repeat(np.arange(len(x)), x.shape[1]), x.reshape(-1).astype(np.int64)), 1.0)
+  return counts / x.shape[1]
+
+
+def logistic_regression_accuracy(train_x, train_y, test_x, test_y) -> float:
+  """scikit-learn logistic regression on byte histograms (the snippet-classification baseline)."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import StandardScaler
+  scaler = StandardScaler().fit(byte_histograms(train_x))
+  clf = LogisticRegression(max_iter=2000).fit(scaler.transform(byte_histograms(train_x)), train_y)
+  return float(clf.score(scaler.transform(byte_histograms(test_x)), test_y))
+
+
+def ngram_bits_per_byte(train: bytes, test: bytes, order: int = 2, k: float = 0.01) -> float:
+  """Held-out bits per byte of an order-`order` byte n-gram model (context of `order` bytes)
+  with add-k smoothing: p(b | c) = (count(c, b) + k) / (count(c) + 256 k)."""
+  a = np.frombuffer(train, np.uint8).astype(np.int64)
+  t = np.frombuffer(test, np.uint8).astype(np.int64)
+
+  def codes(arr):
+    idx = np.zeros(len(arr) - order, np.int64)
+    for j in range(order + 1):
+      idx = idx * 256 + arr[j: len(arr) - order + j]
+    return idx
+
+  joint = np.bincount(codes(a), minlength=256 ** (order + 1)).astype(np.float64)
+  context = joint.reshape(-1, 256).sum(1)
+  test_codes = codes(t)
+  p = (joint[test_codes] + k) / (context[test_codes // 256] + 256 * k)
+  return float(-np.mean(np.log2(p)))
