@@ -66,8 +66,8 @@ def cmd_train(args) -> int:
   result = train(cfg, workdir)
   m = result.final_eval
   acc = "".join(f" {k} {m[k]:.4f}" for k in ("accuracy", "auc", "bits_per_byte") if k in m)
-  print(f"[dcmodel] {cfg.name}: step {result.start_step + result.steps_run}, test loss {m['loss']:.4f}{acc} "
-        f"on {m['examples']} examples; {result.steps_run} steps in {result.wall_s:.1f}s "
+  test = f"test loss {m['loss']:.4f}{acc} on {m['examples']} examples" if m else "no final evaluation"
+  print(f"[dcmodel] {cfg.name}: step {result.start_step + result.steps_run}, {test}; {result.steps_run} steps in {result.wall_s:.1f}s "
         f"on mesh {dict(result.mesh.shape)}; workdir {workdir}")
   return 0
 

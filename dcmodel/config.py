@@ -78,6 +78,7 @@ class TrainConfig:
   seed: int = 0
   log_every: int = 50
   eval_every: int = 0            # 0: only at the end
+  final_eval: bool = True        # evaluate on the test split when training ends
   nonfinite: str = "skip"        # a NaN/Inf loss or gradient: skip the update (counted) | stop
   grad_accum_steps: int = 1      # microbatches per step; gradients are averaged before the update
   progress: bool = True

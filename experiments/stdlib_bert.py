@@ -14,6 +14,6 @@ def get_config() -> Config:
       mesh=MeshConfig(data=-1),
       optimizer=OptimizerConfig(name="adamw", learning_rate=2e-3, schedule="warmup_cosine", warmup_steps=100,
                                 weight_decay=0.01),
-      train=TrainConfig(steps=1500, log_every=50, eval_every=500),
+      train=TrainConfig(steps=1200, log_every=50, eval_every=600),
       checkpoint=CheckpointConfig(every_steps=500),
   )

@@ -35,7 +35,7 @@ LAYOUTS = {  # name: (mesh overrides); the rule table is the default one in ever
 
 def _run(tmp_path, name, layout, *extra):
   mesh = LAYOUTS[layout] if layout else ("mesh.data=1", "mesh.fsdp=1", "mesh.model=1")
-  cfg = experiment(name, *SMALL[name], *mesh, "train.steps=3", "train.log_every=1", "checkpoint.enabled=false",
+  cfg = experiment(name, *SMALL[name], *mesh, "train.steps=3", "train.log_every=1", "checkpoint.enabled=false", "train.final_eval=false",
                    "optimizer.warmup_steps=0", *extra)
   devices = jax.devices()[:8] if layout else jax.devices()[:1]
   work = tmp_path / f"{name}-{layout}-{len(extra)}"

@@ -179,7 +179,7 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
           ckpt.save(done, state, it)
       bar.close()
 
-      final = run_eval(steps)
+      final = run_eval(steps) if cfg.train.final_eval else {}
       completed = True
     finally:
       if ckpt and completed:

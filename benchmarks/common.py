@@ -1,0 +1,37 @@
+"""Timing done right: warm-up excluded, results blocked on, median and spread of repeats."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_fn(fn, *args, repeats: int = 7, warmup: int = 2) -> dict:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+          "spread": (max(times) - min(times)) / statistics.median(times), "repeats": repeats}
+
+
+def machine() -> str:
+  return f"{platform.machine()}, {os.cpu_count()} cores, {jax.device_count()} {jax.devices()[0].platform} devices"
+
+
+def write(name: str, payload: dict) -> Path:
+  RESULTS.mkdir(exist_ok=True)
+  path = RESULTS / f"{name}.json"
+  path.write_text(json.dumps({"machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M"), **payload}, indent=2) + "\n")
+  return path

@@ -1,0 +1,60 @@
+"""Pipeline bubble, measured: 4 stages, 4/8/16 microbatches, against (p-1)/(m+p-1).
+
+The pipelined step (forward + backward, GPipe schedule) takes one tick per microbatch plus
+p - 1 fill/drain ticks. One tick's time is calibrated on a separate run with 64 microbatches
+(disjoint from the scored points); the measured bubble is 1 - m * tick / T(m).
+On simulated CPU devices the 4 stages share 2 cores, so a tick's cost is not constant in m and
+this measurement is rough; on real devices each stage has its own chip.
+Run: python -m benchmarks.pipeline_bubble
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import time_fn, write  # noqa: E402
+from dcmodel.config import MeshConfig  # noqa: E402
+from dcmodel.mesh import build_mesh  # noqa: E402
+from dcmodel.parallel import pipeline  # noqa: E402
+from dcmodel.perf.pipeline import bubble_fraction  # noqa: E402
+
+STAGES, WIDTH, LAYERS_PER_STAGE, MICRO = 4, 256, 2, 32
+
+
+def layers(params, x):
+  return jax.lax.scan(lambda x, p: (x + jnp.tanh(x @ p["w"]), None), x, params)[0]
+
+
+def step_fn(mesh, m):
+  def loss(p, xs):
+    return jnp.mean(pipeline.run(layers, mesh, p, xs) ** 2)
+  return jax.jit(jax.grad(loss))
+
+
+def main():
+  mesh = build_mesh(MeshConfig(data=1, stage=STAGES), jax.devices()[:STAGES])
+  params = {"w": jax.random.normal(jax.random.key(0), (STAGES, LAYERS_PER_STAGE, WIDTH, WIDTH)) / np.sqrt(WIDTH)}
+  timings = {}
+  for m in (64, 4, 8, 16):
+    xs = jax.random.normal(jax.random.key(m), (m, MICRO, WIDTH))
+    timings[m] = time_fn(step_fn(mesh, m), params, xs, repeats=9)
+  tick = timings[64]["median_s"] / (64 + STAGES - 1)          # calibration, not scored
+  rows = []
+  for m in (4, 8, 16):
+    measured = 1 - m * tick / timings[m]["median_s"]
+    rows.append({"stages": STAGES, "microbatches": m, "predicted_bubble": bubble_fraction(STAGES, m),
+                 "measured_bubble": measured, "step_s": timings[m]["median_s"], "spread": timings[m]["spread"]})
+    print(f"p={STAGES} m={m:2d}: measured bubble {measured:.3f}, (p-1)/(m+p-1) = {bubble_fraction(STAGES, m):.3f}, "
+          f"step {timings[m]['median_s'] * 1e3:.1f} ms (spread {timings[m]['spread']:.0%})")
+  print(f"calibrated on m=64: tick {tick * 1e3:.2f} ms")
+  write("pipeline_bubble", {"tick_s": tick, "calibration_microbatches": 64, "rows": rows})
+
+
+if __name__ == "__main__":
+  main()
