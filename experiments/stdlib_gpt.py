@@ -5,17 +5,17 @@ from dcmodel.config import CheckpointConfig, Config, DataConfig, MeshConfig, Opt
 
 
 def get_config() -> Config:
-  seq = 256
+  seq = 128
   return Config(
       name="stdlib_gpt",
-      model=models.get_config("gpt", vocab_size=256, max_len=seq, d_model=256, num_layers=4, num_heads=4,
-                              d_ff=1024, mlp="gelu", norm="rmsnorm", positions="rope", tie_embeddings=True,
+      model=models.get_config("gpt", vocab_size=256, max_len=seq, d_model=128, num_layers=4, num_heads=4,
+                              d_ff=512, mlp="gelu", norm="rmsnorm", positions="rope", tie_embeddings=True,
                               use_bias=False),
-      data=DataConfig(source="stdlib_text", global_batch_size=32, eval_batch_size=64,
+      data=DataConfig(source="stdlib_text", global_batch_size=64, eval_batch_size=128,
                       options={"seq_len": seq, "holdout_every": 50, "max_test_windows": 100_000}),
       mesh=MeshConfig(data=-1),
       optimizer=OptimizerConfig(name="adamw", learning_rate=3e-3, schedule="warmup_cosine", warmup_steps=100,
                                 min_learning_rate_ratio=0.1, weight_decay=0.01, b2=0.95, grad_clip_norm=1.0),
-      train=TrainConfig(steps=2000, log_every=50, eval_every=500),
-      checkpoint=CheckpointConfig(every_steps=500),
+      train=TrainConfig(steps=800, log_every=50, eval_every=400),
+      checkpoint=CheckpointConfig(every_steps=400),
   )

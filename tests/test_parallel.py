@@ -60,7 +60,6 @@ def test_explicit_data_parallel_equals_jit(tmp_path):
 def test_compressed_mean_is_close_and_cuts_bytes():
   mesh = build_mesh(MeshConfig(data=8))
   x = jax.random.normal(jax.random.key(0), (8, 1000))
-  from functools import partial
   from jax.sharding import PartitionSpec as P
   for mode, tol in (("none", 1e-6), ("bf16", 1e-2), ("int8", 3e-2)):
     f = jax.jit(jax.shard_map(lambda v: allreduce.mean(v[0], "data", mode)[0][None], mesh=mesh,

@@ -7,7 +7,6 @@ import pytest
 from flax import nnx
 
 from conftest import experiment
-from dcmodel.mesh import build_mesh
 from dcmodel.train import state as state_lib
 from dcmodel.train.loop import train
 from dcmodel.train.metrics import read

@@ -47,7 +47,6 @@ def _windows(data: bytes, length: int) -> np.ndarray:
 @register("stdlib_text")
 def stdlib_text(cfg: DataConfig) -> Source:
   seq_len = int(cfg.options.get("seq_len", 256))
-  every = int(cfg.options.get("holdout_every", 50))
   max_test_windows = int(cfg.options.get("max_test_windows", 2048))
   train, test, dropped = corpus_bytes(cfg)
 

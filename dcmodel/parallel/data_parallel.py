@@ -67,8 +67,8 @@ def train(cfg: Config, compression: str = "none", devices=None, steps: int | Non
   inputs = getattr(cfg.model, "inputs", ("x",))
   data_sharding = NamedSharding(mesh, P("data"))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
-    graphdef, _, _ = state_lib.abstract_state(cfg, mesh)
-    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), state_lib.abstract_state(cfg, mesh)[1])
+    graphdef, target, _ = state_lib.abstract_state(cfg, mesh)
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), target)    # every device holds the whole state
     state = state_lib.init_state(cfg, replicated)
     params = state_lib.params(graphdef, state)
     residual = jax.tree.map(lambda p: jnp.zeros((n, *p.shape), p.dtype, device=data_sharding), params)
