@@ -110,4 +110,3 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                jax.device_get(state_lib.params(four.graphdef, four.state)),
                jax.device_get(state_lib.params(one.graphdef, one.state)))
-

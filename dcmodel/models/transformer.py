@@ -64,6 +64,10 @@ class TransformerConfig:
                            ("positions", ("learned", "rope")), ("dtype", tuple(DTYPES)), ("remat", tuple(REMAT))):
       if getattr(self, field) not in allowed:
         raise UserError(f"model.{field}='{getattr(self, field)}' is not one of {', '.join(allowed)}")
+    if self.dropout:
+      # Known gap: NNX's dropout RNG counter cannot be mutated inside the functional
+      # jax.value_and_grad of the train step (TraceContextError); refuse rather than crash.
+      raise UserError(f"model.dropout={self.dropout} is not supported yet; use 0")
     if self.positions == "rope" and self.head_dim % 2:
       raise UserError(f"rope needs an even head dimension, got d_model/num_heads={self.head_dim}")
 
