@@ -58,8 +58,7 @@ def launch(processes: int, devices_per_process: int, argv: list[str]) -> int:
     env = dict(os.environ, **{ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(processes),
                               ENV_PROCESS_ID: str(i), "XLA_FLAGS": flags.strip()})
     cmd = [sys.executable, "-m", "dcmodel.cli", "--host-devices", str(devices_per_process), *argv]
-    children.append(subprocess.Popen(cmd, env=env, stdout=None if i == 0 else subprocess.DEVNULL,
-                                     start_new_session=False))
+    children.append(subprocess.Popen(cmd, env=env, stdout=None if i == 0 else subprocess.DEVNULL))
   code = 0
   try:
     while children:

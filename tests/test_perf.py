@@ -16,6 +16,7 @@ def test_ring_collectives_match_nccl_forms():
   assert collectives.reduce_scatter(S, 4, B, alpha=1e-6) == pytest.approx(3e-6 + 0.0075)
   assert collectives.all_reduce(S, 1, B) == 0.0
   assert collectives.ppermute(1e6, 1e9, alpha=2e-6) == pytest.approx(1.002e-3)
+  assert collectives.ring_all_reduce_bytes(10**6, 8, 4) == pytest.approx(2 * 7 / 8 * 4e6)
 
 
 def test_torus_all_reduce_reduces_to_ring_on_one_axis():

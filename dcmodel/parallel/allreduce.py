@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcmodel.perf import collectives
+
 PAYLOAD_BYTES = {"none": 4, "bf16": 2, "int8": 1}
 
 
@@ -57,8 +59,8 @@ def mean(x, axis: str, mode: str = "none"):
 
 
 def bytes_sent_per_device(num_elements: int, n: int, mode: str) -> float:
-  """Ring all-reduce traffic each device sends: 2 (n-1)/n elements x payload bytes."""
-  return 2 * (n - 1) / n * num_elements * PAYLOAD_BYTES[mode]
+  """Ring all-reduce traffic each device sends with this payload (the formula lives in perf)."""
+  return collectives.ring_all_reduce_bytes(num_elements, n, PAYLOAD_BYTES[mode])
 
 
 def tree_mean(grads, axis: str, mode: str, residual=None):

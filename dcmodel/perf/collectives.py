@@ -43,7 +43,7 @@ def torus_all_reduce(size_bytes: float, dims: tuple[int, ...], bw: float, alpha:
   return t
 
 
-def compressed_all_reduce_bytes(num_params: int, bits: int) -> float:
-  """Bytes each device sends in a ring all-reduce of num_params values at `bits` bits each,
-  per unit of bandwidth factor: the payload S that the formulas above take."""
-  return num_params * bits / 8
+def ring_all_reduce_bytes(num_elements: int, n: int, bytes_per_element: float) -> float:
+  """Bytes each device sends in a ring all-reduce: 2 (n-1)/n of the array (NCCL's bus factor).
+  Compressed all-reduce only changes bytes_per_element (4 float32, 2 bf16, 1 int8)."""
+  return 0.0 if n <= 1 else 2 * (n - 1) / n * num_elements * bytes_per_element
