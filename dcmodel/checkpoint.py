@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +32,24 @@ from dcmodel.config import CheckpointConfig
 from dcmodel.errors import UserError
 
 COMMIT_MARKER = "commit_success.txt"
+
+
+def _trim_host_heap() -> None:
+  """Hand freed heap pages back to the OS after a read-back.
+
+  Each verification allocates a state-sized set of host buffers across TensorStore's worker
+  threads; glibc keeps such freed pages in per-thread arenas, which shows up as resident memory
+  creeping for the first dozens of saves (benchmarks/soak.py). No-op off glibc.
+  """
+  if _LIBC is not None:
+    _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+with contextlib.suppress(OSError, AttributeError, TypeError):
+  _libc = ctypes.CDLL(ctypes.util.find_library("c"))
+  if hasattr(_libc, "malloc_trim"):
+    _LIBC = _libc
 
 
 @jax.jit
@@ -104,6 +124,7 @@ class Checkpointer:
       except DamagedCheckpoint as e:
         print(f"dcmodel: warning: checkpoint step {step} failed verification after save: {e}", flush=True)
     self._unverified = []
+    _trim_host_heap()
     self._retain()
 
   @contextlib.contextmanager
@@ -182,6 +203,15 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"dcmodel-move-aside-{step}")
     self.manager.reload()
     return aside
+
+  def restore_step(self, step: int, target_state):
+    """The state of one named step, verified; a missing or damaged step is a user error."""
+    if step not in self.all_steps():
+      raise UserError(f"no checkpoint step {step} in {self.directory}; saved steps: {self.all_steps()}")
+    try:
+      return self._read(step, target_state, None)
+    except DamagedCheckpoint as e:
+      raise UserError(f"checkpoint step {step} in {self.directory} is damaged: {e}") from e
 
   def restore_latest(self, target_state, data_iterator):
     """(step, state) of the newest checkpoint that reads back intact, or (0, None) if none exist.
