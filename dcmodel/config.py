@@ -54,6 +54,7 @@ class MeshConfig:
       ("stage", "stage"),
       ("act_mlp", "model"),
       ("act_heads", "model"),
+      ("act_kv_heads", "model"),
       ("act_vocab", "model"),
   )
 
@@ -303,3 +304,18 @@ def save(cfg: Config, workdir: Path) -> Path:
   path = Path(workdir) / "config.json"
   path.write_text(to_json(cfg) + "\n")
   return path
+
+
+def saved_model(workdir: Path) -> dict | None:
+  """The model section of the config saved in `workdir` by training, if any."""
+  path = Path(workdir) / "config.json"
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text()).get("model")
+  except json.JSONDecodeError:
+    raise UserError(f"{path} is not valid JSON; move the workdir aside or pick another --workdir")
+
+
+def same_model(cfg: Config, saved: dict) -> bool:
+  return saved == json.loads(json.dumps(to_dict(cfg)["model"], default=list))

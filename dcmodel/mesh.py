@@ -23,7 +23,7 @@ BATCH_AXES = ("data", "fsdp")  # a global batch is split over these
 # embed dimension while the activations' embed dimension stays whole.
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "conv_in",
                 "conv_out", "classes", "table_rows", "table_dim", "layers", "stage",
-                "act_length", "act_embed", "act_mlp", "act_heads", "act_vocab")
+                "act_length", "act_embed", "act_mlp", "act_heads", "act_kv_heads", "act_vocab")
 
 
 def axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:

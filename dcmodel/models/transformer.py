@@ -105,13 +105,45 @@ def _norm(cfg, rngs):
 
 
 def rope(x, positions, base: float = 10000.0):
-  """Rotary embedding on (..., length, heads, head_dim)."""
+  """Rotary embedding on (..., length, heads, head_dim); positions (length,) or (batch, length)."""
   half = x.shape[-1] // 2
   freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions[:, None].astype(jnp.float32) * freq[None, :]            # (length, half)
-  sin, cos = jnp.sin(angle)[:, None, :], jnp.cos(angle)[:, None, :]
+  angle = positions[..., None].astype(jnp.float32) * freq                   # (..., length, half)
+  sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """One layer's keys and values for decoding, (batch, slots, kv_heads, head_dim), plus where
+  the next tokens go. Prompts are left-padded: row b's real tokens start at slot `start[b]`."""
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array          # scalar: slot of the first token being written
+  start: jax.Array          # (batch,): first real slot of each row
+
+  AXES: ClassVar[tuple] = ("batch", None, "act_kv_heads", None)
+
+  @classmethod
+  def zeros(cls, cfg: TransformerConfig, batch: int, slots: int, start, dtype):
+    shape = (batch, slots, cfg.kv_heads, cfg.head_dim)
+    kv = constrain(jnp.zeros(shape, dtype), cls.AXES)
+    return cls(kv, kv, jnp.zeros((), jnp.int32), jnp.asarray(start, jnp.int32))
+
+  def write(self, k, v) -> "KVCache":
+    at = (0, self.index, 0, 0)
+    k = constrain(jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at), self.AXES)
+    v = constrain(jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at), self.AXES)
+    return dataclasses.replace(self, k=k, v=v)
+
+  def mask(self, length: int):
+    """(batch, 1, length, slots): causal over slots, and never a row's left padding."""
+    query = self.index + jnp.arange(length)
+    key = jnp.arange(self.k.shape[1])
+    ok = (key[None, None, :] <= query[None, :, None]) & (key[None, None, :] >= self.start[:, None, None])
+    return ok[:, None]
 
 
 class Attention(nnx.Module):
@@ -126,7 +158,7 @@ class Attention(nnx.Module):
     self.bo = nnx.Param(zeros(("embed",))(rngs.params(), (d,))) if cfg.use_bias else None
     self.cfg = cfg
 
-  def __call__(self, x, causal: bool, positions, dtype):
+  def __call__(self, x, causal: bool, positions, dtype, cache: KVCache | None = None):
     cfg = self.cfg
     q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dtype))
     k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dtype))
@@ -134,10 +166,15 @@ class Attention(nnx.Module):
     if cfg.positions == "rope":
       q, k = rope(q, positions), rope(k, positions)
     q = constrain(q, ("batch", "act_length", "act_heads", None))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)            # GQA: k/v heads are shared
+    if cache is None:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)          # GQA: k/v heads are shared
+    else:
+      cache = cache.write(k, v)
+      out = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=cache.mask(q.shape[1]))
     out = constrain(out, ("batch", "act_length", "act_heads", None))
     y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
-    return y + self.bo[...].astype(dtype) if self.bo is not None else y
+    y = y + self.bo[...].astype(dtype) if self.bo is not None else y
+    return y if cache is None else (y, cache)
 
 
 class MLP(nnx.Module):
@@ -165,11 +202,15 @@ class Block(nnx.Module):
     self.norm2, self.mlp = _norm(cfg, rngs), MLP(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout else None
 
-  def __call__(self, x, causal, positions, dtype):
+  def __call__(self, x, causal, positions, dtype, cache: KVCache | None = None):
     drop = self.dropout if self.dropout is not None else (lambda y: y)
-    x = x + drop(self.attn(self.norm1(x).astype(dtype), causal, positions, dtype))
+    a = self.attn(self.norm1(x).astype(dtype), causal, positions, dtype, cache)
+    if cache is not None:
+      a, cache = a
+    x = x + drop(a)
     x = x + drop(self.mlp(self.norm2(x).astype(dtype), dtype))
-    return constrain(x, ("batch", "act_length", "act_embed"))
+    x = constrain(x, ("batch", "act_length", "act_embed"))
+    return x if cache is None else (x, cache)
 
 
 class Trunk(nnx.Module):
@@ -186,12 +227,8 @@ class Trunk(nnx.Module):
 
   def __call__(self, tokens, causal: bool):
     cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
-    length = tokens.shape[1]
-    positions = jnp.arange(length)
-    x = self.embed(tokens)
-    if self.pos is not None:
-      x = x + self.pos[...][:length]
-    x = constrain(x.astype(dtype), ("batch", "act_length", "act_embed"))
+    positions = jnp.arange(tokens.shape[1])
+    x = self._embed(tokens, positions, dtype)
     policy = REMAT[cfg.remat]
     for block in self.blocks:
       if cfg.remat != "none":
@@ -199,6 +236,25 @@ class Trunk(nnx.Module):
       else:
         x = block(x, causal, positions, dtype)
     return self.final_norm(x)
+
+  def _embed(self, tokens, positions, dtype):
+    x = self.embed(tokens)
+    if self.pos is not None:
+      x = x + jnp.take(self.pos[...], positions, axis=0)
+    return constrain(x.astype(dtype), ("batch", "act_length", "act_embed"))
+
+  def decode(self, tokens, caches: list[KVCache]):
+    """Causal pass over new tokens against the caches (prefill: the whole prompt; decode: one
+    token). Positions count from each row's first real token, so left padding changes nothing."""
+    dtype = DTYPES[self.cfg.dtype]
+    slots = caches[0].index + jnp.arange(tokens.shape[1])
+    positions = jnp.maximum(slots[None, :] - caches[0].start[:, None], 0)
+    x = self._embed(tokens, positions, dtype)
+    new = []
+    for block, cache in zip(self.blocks, caches):
+      x, cache = block(x, True, positions, dtype, cache)
+      new.append(dataclasses.replace(cache, index=cache.index + tokens.shape[1]))
+    return self.final_norm(x), new
 
 
 class GPT(nnx.Module):
@@ -208,10 +264,20 @@ class GPT(nnx.Module):
                     nnx.Param(param_init(("embed", "vocab"))(rngs.params(), (cfg.d_model, cfg.vocab_size))))
 
   def __call__(self, tokens):
-    x = self.trunk(tokens, causal=True)
-    dtype = x.dtype
+    return self._logits(self.trunk(tokens, causal=True))
+
+  def decode(self, tokens, caches: list[KVCache]):
+    """(logits of the new tokens, updated caches): the KV-cache path of generation."""
+    x, caches = self.trunk.decode(tokens, caches)
+    return self._logits(x), caches
+
+  def init_caches(self, batch: int, slots: int, start) -> list[KVCache]:
+    cfg = self.trunk.cfg
+    return [KVCache.zeros(cfg, batch, slots, start, DTYPES[cfg.dtype]) for _ in range(cfg.num_layers)]
+
+  def _logits(self, x):
     w = self.trunk.embed.embedding[...].T if self.unembed is None else self.unembed[...]
-    return constrain((x @ w.astype(dtype)).astype(jnp.float32), ("batch", "act_length", "act_vocab"))
+    return constrain((x @ w.astype(x.dtype)).astype(jnp.float32), ("batch", "act_length", "act_vocab"))
 
 
 class BERT(nnx.Module):

@@ -1,0 +1,1 @@
+"""Inference: batch predict, KV-cache generation, results store and query."""
