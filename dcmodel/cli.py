@@ -43,6 +43,38 @@ def _parser() -> argparse.ArgumentParser:
   i.add_argument("--compile", action="store_true", help="also AOT-compile the train step: XLA's per-device memory and FLOPs")
   i.add_argument("--json", action="store_true")
 
+  pr = sub.add_parser("predict", help="batch inference over a split into a results store (resumes if interrupted)")
+  pr.add_argument("experiment")
+  pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  pr.add_argument("--workdir", required=True, help="the training run's directory")
+  pr.add_argument("--split", default="test")
+  pr.add_argument("--out", required=True, help="results store: a directory or a TensorStore URL (gs://, s3://)")
+  pr.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest good one)")
+  pr.add_argument("--batch-size", type=int, default=None, help="global batch (default data.eval_batch_size)")
+
+  ge = sub.add_parser("generate", help="decode text from a trained gpt with a KV cache")
+  ge.add_argument("experiment")
+  ge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  ge.add_argument("--workdir", required=True)
+  ge.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch); \\n and \\t are unescaped")
+  ge.add_argument("--max-new-tokens", type=int, default=64)
+  ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  ge.add_argument("--top-k", type=int, default=0)
+  ge.add_argument("--seed", type=int, default=0)
+  ge.add_argument("--step", type=int, default=None)
+  ge.add_argument("--json", action="store_true")
+
+  q = sub.add_parser("query", help="read rows of a results store: by id, range, condition, top-K")
+  q.add_argument("results")
+  q.add_argument("--ids", default=None, help="comma-separated example ids")
+  q.add_argument("--range", default=None, help="rows a:b")
+  q.add_argument("--where", action="append", default=[], help="'COLUMN OP VALUE|COLUMN', e.g. 'pred!=label' (repeat: all hold)")
+  q.add_argument("--top", type=int, default=None, help="the K rows with the largest --by")
+  q.add_argument("--by", default="score")
+  q.add_argument("--ascending", action="store_true", help="with --top: the smallest instead")
+  q.add_argument("--columns", default=None, help="comma-separated columns to show")
+  q.add_argument("--json", action="store_true")
+
   l = sub.add_parser("launch", help="run a dcmodel command as N processes on this machine (jax.distributed, CPU collectives)")
   l.add_argument("--processes", type=int, required=True)
   l.add_argument("--devices-per-process", type=int, default=None,
@@ -98,6 +130,63 @@ def cmd_inspect(args) -> int:
   return 0
 
 
+def cmd_predict(args) -> int:
+  from dcmodel.infer.predict import predict
+  cfg = _load_config(args)
+  got = predict(cfg, args.workdir, args.out, args.split, args.step, args.batch_size)
+  metrics = "".join(f" {k} {got[k]:.4f}" for k in ("loss", "accuracy", "auc") if k in got)
+  print(f"[dcmodel] predicted {got['rows']}/{got['of']} rows of '{args.split}' from checkpoint step {got['checkpoint_step']} "
+        f"({got['new_batches']} new batches, {got['wall_s']:.1f}s):{metrics}; results in {args.out}")
+  return 0
+
+
+def cmd_generate(args) -> int:
+  import json
+  from dcmodel.errors import UserError
+  from dcmodel.infer.generate import Generator, Sampling
+  from dcmodel.infer.load import load
+  cfg = _load_config(args)
+  if cfg.model.name != "gpt":
+    raise UserError(f"generate needs a gpt experiment; {args.experiment} trains '{cfg.model.name}'")
+  trained = load(cfg, args.workdir, args.step)
+  prompts = [p.replace("\\n", "\n").replace("\\t", "\t").encode() for p in args.prompt]
+  gen = Generator(trained.graphdef, trained.state, trained.mesh, trained.rules)
+  out = gen(prompts, Sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed))
+  texts = [t.decode("utf-8", errors="replace") for t in out.texts]
+  if args.json:
+    print(json.dumps({"prompts": args.prompt, "completions": texts, "tokens": out.tokens.tolist(),
+                      "time_to_first_token_s": out.prefill_s, "decode_tokens_per_s": out.decode_tokens_per_s}, indent=2))
+    return 0
+  for p, t in zip(args.prompt, texts):
+    print(f"--- {p!r}\n{p}{t}")
+  print(f"[dcmodel] {len(prompts)} prompt(s), {args.max_new_tokens} new tokens each from step {trained.step}: "
+        f"first token {1e3 * out.prefill_s:.0f} ms (compile included on a first call), then "
+        f"{out.decode_tokens_per_s:.0f} tokens/s")
+  return 0
+
+
+def cmd_query(args) -> int:
+  import json
+  import numpy as np
+  from dcmodel.errors import UserError
+  from dcmodel.infer.results import query
+  try:
+    ids = [int(i) for i in args.ids.split(",")] if args.ids else None
+  except ValueError:
+    raise UserError(f"--ids must be comma-separated integers, got '{args.ids}'") from None
+  columns = args.columns.split(",") if args.columns else None
+  got = query(args.results, ids, args.range, tuple(args.where), args.top, args.by, args.ascending, columns)
+  if args.json:
+    print(json.dumps({k: v.tolist() for k, v in got.items()}))
+    return 0
+  names = list(got)
+  print("\t".join(names))
+  for i in range(len(got[names[0]]) if names else 0):
+    print("\t".join(np.array2string(got[k][i], precision=4, separator=",", max_line_width=10**6) if got[k].ndim > 1
+                    else (f"{got[k][i]:.4f}" if got[k].dtype.kind == "f" else str(got[k][i])) for k in names))
+  return 0
+
+
 def cmd_launch(args) -> int:
   from dcmodel.errors import UserError
   from dcmodel.launch import launch
@@ -109,7 +198,8 @@ def cmd_launch(args) -> int:
   return launch(args.processes, per, ["train", args.experiment, *args.rest])
 
 
-COMMANDS = {"train": cmd_train, "ingest": cmd_ingest, "inspect": cmd_inspect, "launch": cmd_launch}
+COMMANDS = {"train": cmd_train, "ingest": cmd_ingest, "inspect": cmd_inspect, "predict": cmd_predict,
+            "generate": cmd_generate, "query": cmd_query, "launch": cmd_launch}
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,6 @@ The step is dispatched asynchronously; the host only waits when metrics are due.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -44,16 +43,10 @@ class RunResult:
 
 def _check_workdir(cfg: Config, workdir: Path) -> None:
   """A workdir belongs to one model: refuse to resume another model's checkpoints."""
-  saved = workdir / "config.json"
-  if saved.exists() and (workdir / "checkpoints").exists():
-    try:
-      old = json.loads(saved.read_text()).get("model")
-    except json.JSONDecodeError:
-      raise UserError(f"{saved} is not valid JSON; move the workdir aside or pick another --workdir")
-    new = config_lib.to_dict(cfg)["model"]
-    if old != json.loads(json.dumps(new, default=list)):
-      raise UserError(f"workdir {workdir} holds checkpoints of a different model ({old.get('name')}: {old}); "
-                      f"use another --workdir or delete it")
+  old = config_lib.saved_model(workdir)
+  if old is not None and (workdir / "checkpoints").exists() and not config_lib.same_model(cfg, old):
+    raise UserError(f"workdir {workdir} holds checkpoints of a different model ({old.get('name')}: {old}); "
+                    f"use another --workdir or delete it")
 
 
 def evaluate(eval_step, state, prepared, feature: str, global_batch_size: int, sharding, task: str,

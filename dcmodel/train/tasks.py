@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -16,17 +17,32 @@ def _masked(per_example, correct, mask):
   return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": jnp.sum(correct * mask), "count": count}
 
 
+def classification_rows(logits, batch):
+  """Per-example loss, predicted class, its probability and all class probabilities."""
+  logits = logits.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, -1)
+  pred = jnp.argmax(logits, -1).astype(jnp.int32)
+  return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]), "pred": pred,
+          "score": jnp.max(probs, -1), "probs": probs}
+
+
 def classification(logits, batch):
-  per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["y"])
-  return _masked(per_example, (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32), batch["mask"])
+  rows = classification_rows(logits, batch)
+  return _masked(rows["loss"], (rows["pred"] == batch["y"]).astype(jnp.float32), batch["mask"])
+
+
+def binary_rows(logits, batch):
+  """Per-example loss, predicted class (logit > 0) and score (the predicted probability of 1)."""
+  logits = logits.reshape(logits.shape[0]).astype(jnp.float32)
+  return {"loss": optax.sigmoid_binary_cross_entropy(logits, batch["y"].astype(jnp.float32)),
+          "pred": (logits > 0).astype(jnp.int32), "score": jax.nn.sigmoid(logits), "logit": logits}
 
 
 def binary(logits, batch):
-  logits = logits.reshape(logits.shape[0]).astype(jnp.float32)
+  rows = binary_rows(logits, batch)
   y = batch["y"].astype(jnp.float32)
-  correct = ((logits > 0).astype(jnp.float32) == y).astype(jnp.float32)
-  loss, sums = _masked(optax.sigmoid_binary_cross_entropy(logits, y), correct, batch["mask"])
-  return loss, {**sums, "scores": logits, "labels": y, "weights": batch["mask"]}  # for AUC at eval
+  loss, sums = _masked(rows["loss"], (rows["pred"] == batch["y"]).astype(jnp.float32), batch["mask"])
+  return loss, {**sums, "scores": rows["logit"], "labels": y, "weights": batch["mask"]}  # for AUC at eval
 
 
 def lm(logits, batch):
@@ -39,6 +55,7 @@ def lm(logits, batch):
 
 PER_EXAMPLE = ("scores", "labels", "weights")   # eval outputs kept per example, not summed
 TASKS = {"classification": classification, "binary": binary, "lm": lm}
+ROWS = {"classification": classification_rows, "binary": binary_rows}   # per-example outputs, for predict
 
 
 def get(name: str):

@@ -1,0 +1,211 @@
+"""Result storage: one chunked, zstd-compressed zarr v3 array per column (TensorStore), plus
+two small JSON records beside them: `meta.json` (what produced the results) and
+`progress.json` (how many rows are committed).
+
+Rows are written positionally (row i is example i of the split) one batch at a time, and the
+chunk is the batch, so a batch never rewrites another's chunk. `progress.json` moves forward
+only after a batch's columns are all written: a crash leaves every committed row readable,
+and a rerun continues from the first uncommitted row. A row written twice lands in the same
+place, so there are never duplicates. Paths may be local or any TensorStore kvstore URL
+(`gs://bucket/x`, `s3://bucket/x`); only local paths are tested here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorstore as ts
+
+from dcmodel.errors import UserError
+
+META, PROGRESS = "meta.json", "progress.json"
+
+
+def _kvstore(path: str) -> str:
+  """A kvstore URL for a path or URL (the directory, with a trailing slash)."""
+  if "://" in path:
+    return path.rstrip("/") + "/"
+  return "file://" + os.path.abspath(path) + "/"
+
+
+def _store(path: str) -> ts.KvStore:
+  return ts.KvStore.open(_kvstore(path)).result()
+
+
+def _read_json(store: ts.KvStore, key: str) -> dict | None:
+  got = store.read(key).result()
+  return json.loads(got.value) if got.state == "value" else None
+
+
+def _spec(path: str, column: str) -> dict:
+  return {"driver": "zarr3", "kvstore": _kvstore(path) + column + "/"}
+
+
+class ResultsWriter:
+  """Create (or reopen to continue) a results store of `rows` rows with the given columns.
+
+  `columns` maps a name to (dtype, trailing shape). `meta` says what produced the rows; a
+  store made by something else (another checkpoint, config or split) is refused, untouched.
+  """
+
+  def __init__(self, path: str, rows: int, chunk_rows: int, columns: dict[str, tuple[str, tuple]], meta: dict):
+    self.path, self.rows = str(path), rows
+    self.store = _store(self.path)
+    meta = {**meta, "rows": rows, "chunk_rows": chunk_rows,
+            "columns": {k: [np.dtype(d).name, list(s)] for k, (d, s) in columns.items()}}
+    old = _read_json(self.store, META)
+    same = {k: v for k, v in meta.items() if k != "created"}
+    if old is not None and {k: v for k, v in old.items() if k != "created"} != same:
+      diff = sorted(k for k in same if old.get(k) != same[k])
+      raise UserError(f"{path} already holds other results (differs in {', '.join(diff)}: "
+                      f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); choose another --out or delete it")
+    if old is None:
+      self.done = 0
+      self.arrays = {name: self._create(name, dtype, shape, chunk_rows) for name, (dtype, shape) in columns.items()}
+      self.store.write(META, json.dumps({**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1)).result()
+      self._commit(0)
+    else:
+      self.done = int((_read_json(self.store, PROGRESS) or {"rows_done": 0})["rows_done"])
+      self.arrays = {name: ts.open(_spec(self.path, name), open=True, write=True).result() for name in columns}
+
+  def _create(self, name, dtype, shape, chunk_rows):
+    dtype = np.dtype(dtype)
+    fill = -1 if dtype.kind in "iu" else float("nan")
+    spec = {**_spec(self.path, name), "metadata": {
+        "shape": [self.rows, *shape], "data_type": dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, *shape]}},
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 3}}],
+        "fill_value": fill, "dimension_names": ["row", *[f"{name}_{i}" for i in range(len(shape))]]}}
+    return ts.open(spec, create=True, delete_existing=True).result()
+
+  def _commit(self, rows_done: int) -> None:
+    self.store.write(PROGRESS, json.dumps({"rows_done": rows_done})).result()
+    self.done = rows_done
+
+  def write(self, start: int, columns: dict[str, np.ndarray]) -> None:
+    """Write rows [start, start + n) of every column, then commit them."""
+    n = len(next(iter(columns.values())))
+    stop = min(start + n, self.rows)
+    futures = [self.arrays[k][start:stop].write(np.asarray(v)[: stop - start]) for k, v in columns.items()]
+    for f in futures:
+      f.result()
+    if stop > self.done:
+      self._commit(stop)
+
+
+class Results:
+  """Read side: committed rows only, fetched by slice, id, condition or top-K, chunk by chunk."""
+
+  def __init__(self, path: str):
+    self.path = str(path)
+    store = _store(self.path)
+    self.meta = _read_json(store, META)
+    if self.meta is None:
+      raise UserError(f"{path} holds no dcmodel results ({META} not found)")
+    self.rows_done = int((_read_json(store, PROGRESS) or {"rows_done": 0})["rows_done"])
+    self.columns = list(self.meta["columns"])
+    self._arrays = {}
+
+  def array(self, name: str):
+    if name not in self.meta["columns"]:
+      raise UserError(f"no column '{name}' in {self.path}; columns: {', '.join(self.columns)}")
+    if name not in self._arrays:
+      self._arrays[name] = ts.open(_spec(self.path, name), open=True, read=True).result()
+    return self._arrays[name]
+
+  def read(self, rows, columns=None) -> dict[str, np.ndarray]:
+    """Columns at `rows` (a slice or an array of row numbers), as NumPy arrays."""
+    columns = columns or self.columns
+    if isinstance(rows, slice):
+      return {c: self.array(c)[rows].read().result() for c in columns}
+    rows = np.asarray(rows, np.int64)
+    if not len(rows):
+      return {c: np.zeros((0, *self.meta["columns"][c][1]), self.meta["columns"][c][0]) for c in columns}
+    return {c: self.array(c).oindex[rows].read().result() for c in columns}
+
+  def blocks(self, columns):
+    """(first row, {column: values}) over the committed rows, one chunk at a time."""
+    step = int(self.meta["chunk_rows"])
+    for lo in range(0, self.rows_done, step):
+      yield lo, self.read(slice(lo, min(lo + step, self.rows_done)), columns)
+
+
+def parse_range(text: str, rows: int) -> slice:
+  try:
+    a, b = text.split(":")
+    lo, hi = int(a) if a else 0, int(b) if b else rows
+  except ValueError:
+    raise UserError(f"--range must look like a:b (row numbers), got '{text}'") from None
+  return slice(max(lo, 0), min(hi, rows))
+
+
+_OPS = {"==": np.equal, "!=": np.not_equal, "<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater}
+
+
+def parse_where(text: str, columns: list[str]):
+  """'COLUMN OP VALUE' or 'COLUMN OP COLUMN' (OP one of == != < <= > >=) -> (lhs, op, rhs)."""
+  for op in ("==", "!=", "<=", ">=", "<", ">"):
+    if op in text:
+      lhs, rhs = (s.strip() for s in text.split(op, 1))
+      break
+  else:
+    raise UserError(f"--where must look like 'COLUMN OP VALUE' with OP one of == != < <= > >=, got '{text}'")
+  if lhs not in columns:
+    raise UserError(f"--where names unknown column '{lhs}'; columns: {', '.join(columns)}")
+  if rhs not in columns:
+    try:
+      rhs = float(rhs)
+    except ValueError:
+      raise UserError(f"--where: '{rhs}' is neither a number nor a column ({', '.join(columns)})") from None
+  return lhs, op, rhs
+
+
+def query(path: str, ids=None, range: str | None = None, where: tuple[str, ...] = (), top: int | None = None,
+          by: str = "score", ascending: bool = False, columns=None) -> dict[str, np.ndarray]:
+  """Rows of a results store selected by ids, a row range and conditions (all must hold),
+  optionally the top K of them by a column; only the chunks needed are read."""
+  res = Results(path)
+  scalar = [c for c in res.columns if not res.meta["columns"][c][1]]
+  conds = [parse_where(w, scalar) for w in where]
+  if top is not None and (top < 1 or by not in scalar):
+    raise UserError(f"--top needs K >= 1 and --by one of {', '.join(scalar)}; got K={top}, --by {by}")
+  window = parse_range(range, res.rows_done) if range else slice(0, res.rows_done)
+  need = sorted({c[0] for c in conds} | {c[2] for c in conds if isinstance(c[2], str)} | ({by} if top else set()))
+  if ids is not None:
+    ids = np.asarray(ids, np.int64)
+    bad = ids[(ids < 0) | (ids >= res.rows_done)]
+    if len(bad):
+      raise UserError(f"ids {bad[:5].tolist()} are not among the {res.rows_done} committed rows")
+    rows = ids[(ids >= window.start) & (ids < window.stop)]
+    candidates = [(rows, res.read(rows, need))] if need else []
+  elif need:   # scan the window chunk by chunk
+    candidates = ((np.arange(lo, lo + len(v[need[0]])), v) for lo, v in res.blocks(need))
+  else:
+    return res.read(window, columns)
+  if need:
+    rows = _select(candidates, window, conds, top, by, ascending)
+  return res.read(rows, columns)
+
+
+def _select(candidates, window: slice, conds, top, by, ascending) -> np.ndarray:
+  """Rows of (rows, values) blocks inside the window that meet every condition; with `top`,
+  the best K in order (ties by row order), keeping only K between blocks."""
+  kept_rows, kept_keys = np.zeros(0, np.int64), np.zeros(0)
+  for rows, vals in candidates:
+    keep = (rows >= window.start) & (rows < window.stop)
+    for lhs, op, rhs in conds:
+      keep &= _OPS[op](vals[lhs], vals[rhs] if isinstance(rhs, str) else rhs)
+    kept_rows = np.concatenate([kept_rows, rows[keep]])
+    if top:
+      kept_keys = np.concatenate([kept_keys, vals[by][keep].astype(np.float64)])
+      order = np.argsort(kept_keys if ascending else -kept_keys, kind="stable")[:top]
+      kept_rows, kept_keys = kept_rows[order], kept_keys[order]
+  return kept_rows
+
+
+def exists(path: str) -> bool:
+  return "://" not in str(path) and Path(path, META).exists()
