@@ -117,3 +117,102 @@ def test_min_cost_flow_equals_brute_force(seed):
   else:
     f = optimize.min_cost_flow(n, edges, cost, cap, supply)
     assert f.cost == pytest.approx(expected) and (f.flow <= cap + 1e-9).all()
+
+
+# ---- model accounting
+
+ZOO = ["digits_cnn", "digits_mlp", "recommender_mlp", "binary_mlp", "stdlib_gpt", "stdlib_bert", "stdlib_gru", "clicks_dlrm"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_analytic_flops_within_5_percent_of_xla(name):
+  import jax
+  from conftest import experiment
+  from dcmodel.perf.accounting import account, loss_fn_and_args
+  # XLA's cost analysis counts a while loop's body once; unrolled, it sees every GRU step.
+  extra = ("model.seq_len=32", "model.unroll=32") if name == "stdlib_gru" else ()
+  cfg = experiment(name, *extra)
+  acc = account(cfg)
+  loss, params, batch, _ = loss_fn_and_args(cfg)
+  xla = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile().cost_analysis()["flops"]
+  assert acc.flops_per_step == pytest.approx(xla, rel=0.05)
+  assert acc.params == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("sets", [
+    (),                                                                                   # Llama-style stdlib_gpt
+    ("model.mlp=swiglu", "model.num_kv_heads=2", "model.use_bias=true", "model.norm=layernorm",
+     "model.positions=learned", "model.tie_embeddings=false"),                           # GPT-2 style, GQA, untied
+])
+def test_transformer_closed_forms_equal_the_counted_model(sets):
+  from conftest import experiment
+  from dcmodel.perf.accounting import account, transformer_flops, transformer_params
+  for name in ("stdlib_gpt", "stdlib_bert"):
+    cfg = experiment(name, *sets)
+    acc = account(cfg)
+    assert acc.params == transformer_params(cfg.model)
+    assert (acc.flops_forward, acc.flops_backward) == transformer_flops(cfg.model, cfg.data.global_batch_size)
+
+
+def test_parameter_counts_by_hand():
+  from conftest import experiment
+  from dcmodel.perf.accounting import account
+  assert account(experiment("digits_mlp")).params == 64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
+  assert account(experiment("recommender_mlp")).params == 100 * 64 + 64 + 64 * 32 + 32 + 32 + 1
+  # GPT-3 175B shape (Brown et al. 2020, table 2.1) with biases, LayerNorm, learned positions, tied embeddings:
+  # per layer 4d^2 + d (attention) + 2df + f + d (MLP) + 4d (two norms) = 1,812,062,208; x 96 layers,
+  # + 2d final norm + 50257 d embeddings + 2048 d positions
+  from dcmodel import models
+  from dcmodel.perf.accounting import transformer_params
+  gpt3 = models.get_config("gpt", vocab_size=50257, max_len=2048, d_model=12288, num_layers=96, num_heads=96, d_ff=49152,
+                           tie_embeddings=True)
+  assert transformer_params(gpt3) == 96 * 1_812_062_208 + 2 * 12288 + 50257 * 12288 + 2048 * 12288 == 174_600_720_384
+
+
+def test_inference_formulas_by_hand():
+  from dcmodel import models
+  from dcmodel.perf.accounting import decode_step_s, kv_cache_bytes
+  # SB inference.md:280-286: LLaMA-13B (40 layers, 40 KV heads of 128) at 8192 tokens in bf16 is 6.7 GB
+  llama13 = models.get_config("gpt", d_model=5120, num_layers=40, num_heads=40, d_ff=13824)
+  assert kv_cache_bytes(llama13, 1, 8192, 2) == 2 * 2 * 40 * 128 * 40 * 8192 == pytest.approx(6.7e9, rel=0.01)
+  # SB tpus.md Q1: 200B bf16 on 32 chips, 12.5e9 bytes per chip / 1.23e12 B/s ~ 10 ms
+  assert decode_step_s(12.5e9, 0.0, 1.23e12) == pytest.approx(0.0102, rel=0.01)
+  assert decode_step_s(1e9, 1e9, 1e12, flops=1e13, peak_flops=1e15) == pytest.approx(0.01)   # compute wins
+
+
+def test_layout_communication_by_hand():
+  from conftest import experiment
+  from dcmodel.perf import hardware
+  from dcmodel.perf.accounting import account
+  from dcmodel.perf.layouts import Layout, comm_bound_thresholds, comm_bytes
+  cfg = experiment("stdlib_gpt", "model.dtype=bfloat16")
+  acc = account(cfg)
+  half = acc.param_bytes / 2                        # gathered and reduced in bfloat16
+  assert comm_bytes(acc, cfg.model, Layout(8, 1, 1))["data_all_reduce"] == half
+  fsdp = comm_bytes(acc, cfg.model, Layout(1, 8, 1))
+  assert fsdp["fsdp_all_gather"] + fsdp["fsdp_reduce_scatter"] == 3 * half          # ZeRO-3: 3 x parameters
+  tp = comm_bytes(acc, cfg.model, Layout(4, 1, 2))   # 4 all-reduces per layer of (local tokens x d_model)
+  assert tp["model_all_reduce"] == 4 * 4 * (64 * 128 / 4) * 128 * 2
+  th = comm_bound_thresholds(hardware.get("tpu-v5p"), cfg.model, Layout(8, 1, 1))
+  assert th["min_tokens_per_device_dp_fsdp"] == pytest.approx(2550)                   # SB training.md:288-299
+
+
+def test_plan_json_ranks_meshes(tmp_path):
+  import json
+  import subprocess
+  import sys
+  from conftest import EXPERIMENTS, ROOT
+  p = subprocess.run([sys.executable, "-m", "dcmodel.cli", "--host-devices", "1", "plan", str(EXPERIMENTS / "stdlib_gpt.py"),
+                      "--set", "model.d_model=2048", "--set", "model.num_heads=16", "--set", "model.d_ff=8192",
+                      "--set", "model.dtype=bfloat16", "--hardware", "h100", "--chips", "64", "--json"],
+                     cwd=ROOT, capture_output=True, text=True)
+  assert p.returncode == 0, p.stderr
+  out = json.loads(p.stdout)
+  for key in ("params", "flops_per_step", "memory_per_device_bytes", "predicted_step_s", "bottleneck"):
+    assert key in out
+  fitting = [c["predicted_step_s"] for c in out["candidates"] if c["fits"]]
+  assert fitting == sorted(fitting) and out["predicted_step_s"] == fitting[0]
+  assert out["placement"]["replicas_placed"] == out["placement"]["replicas"]
+  bad = subprocess.run([sys.executable, "-m", "dcmodel.cli", "plan", str(EXPERIMENTS / "stdlib_gpt.py"), "--hardware", "h1000",
+                        "--chips", "8"], cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode == 2 and "unknown hardware 'h1000'; did you mean h100" in bad.stderr

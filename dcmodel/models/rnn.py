@@ -25,11 +25,12 @@ class GRUConfig:
   embed_dim: int = 64
   hidden: int = 256
   num_outputs: int = 10
+  unroll: int = 1                  # time steps per loop iteration (seq_len: no loop at all)
   task: str = "classification"
   name: ClassVar[str]
 
   def validate(self):
-    for f in ("vocab_size", "seq_len", "embed_dim", "hidden", "num_outputs"):
+    for f in ("vocab_size", "seq_len", "embed_dim", "hidden", "num_outputs", "unroll"):
       if getattr(self, f) <= 0:
         raise UserError(f"model.{f} must be positive, got {getattr(self, f)}")
 
@@ -47,13 +48,13 @@ class GRU(nnx.Module):
     self.cell = nnx.GRUCell(cfg.embed_dim, cfg.hidden, rngs=rngs,
                             kernel_init=param_init(("embed", "mlp")), recurrent_kernel_init=param_init((None, "mlp"), nnx.initializers.orthogonal()))
     self.head = dense(cfg.hidden, cfg.num_outputs, (None, "classes"), rngs=rngs)
-    self.hidden = cfg.hidden
+    self.hidden, self.unroll = cfg.hidden, cfg.unroll
 
   def __call__(self, tokens):
     x = self.embed(tokens)                                          # (batch, length, embed)
     h0 = jnp.zeros((x.shape[0], self.hidden), x.dtype)
 
-    @nnx.scan(in_axes=(nnx.Carry, None, 1), out_axes=nnx.Carry)
+    @nnx.scan(in_axes=(nnx.Carry, None, 1), out_axes=nnx.Carry, unroll=self.unroll)
     def step(h, cell, xt):
       h, _ = cell(h, xt)
       return h

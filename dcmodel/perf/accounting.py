@@ -1,0 +1,220 @@
+"""Model accounting from the model definition itself, by abstract evaluation (nothing allocated):
+parameters, FLOPs per training step, and bytes of parameters, gradients, optimizer state and
+saved activations.
+
+FLOP convention (stated once, used everywhere): a multiply-add is 2 FLOPs and only matmuls and
+convolutions count (elementwise work is left out, as in the 6ND rule). The forward pass is read
+from the jaxpr of the model's loss: every `dot_general` and `conv_general_dilated`, inside
+scans (times their length), jits and remat blocks. Convolutions count only the taps that land
+inside the input (SAME padding's zeros are not work), as XLA's cost analysis does. The
+backward pass costs, per matmul, one more forward for each operand that depends on the
+parameters (its gradient, dW or dX), so the first layer's input gradient is not counted.
+Attention counts the full T x T score matrix even when causal: XLA's dense attention computes
+it all and masks; a causal-aware kernel would do half. Rematerialization's recompute is not
+counted (model FLOPs, as in MFU; hardware FLOPs would add it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.extend import core as jcore
+
+from dcmodel.config import Config
+from dcmodel.mesh import build_mesh, rules_for
+from dcmodel.train import state as state_lib
+from dcmodel.train import tasks
+
+
+def _conv_valid_taps(lhs_shape, rhs_shape, out_shape, params) -> int:
+  """Multiply-adds per (batch, in-feature, out-feature) that touch real input, over all spatial dims."""
+  dn = params["dimension_numbers"]
+  total = 1
+  for i, (ld, rd, od) in enumerate(zip(dn.lhs_spec[2:], dn.rhs_spec[2:], dn.out_spec[2:])):
+    n_in, k, n_out = lhs_shape[ld], rhs_shape[rd], out_shape[od]
+    stride, (pad_lo, _) = params["window_strides"][i], params["padding"][i]
+    lhs_dil, rhs_dil = params["lhs_dilation"][i], params["rhs_dilation"][i]
+    o = np.arange(n_out)[:, None]
+    t = np.arange(k)[None, :]
+    pos = o * stride + t * rhs_dil - pad_lo              # position in the (lhs-dilated) input
+    real = (pos >= 0) & (pos <= (n_in - 1) * lhs_dil) & (pos % lhs_dil == 0)
+    total *= int(real.sum())
+  return total
+
+
+def _matmul_flops(eqn) -> int:
+  name = eqn.primitive.name
+  out = eqn.outvars[0].aval
+  if name == "dot_general":
+    (lc, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval
+    return 2 * math.prod(out.shape) * math.prod(lhs.shape[i] for i in lc)
+  if name == "conv_general_dilated":
+    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+    dn = eqn.params["dimension_numbers"]
+    batch = lhs.shape[dn.lhs_spec[0]] // eqn.params["batch_group_count"]
+    out_feat, in_feat = rhs.shape[dn.rhs_spec[0]], rhs.shape[dn.rhs_spec[1]]
+    return 2 * batch * out_feat * in_feat * _conv_valid_taps(lhs.shape, rhs.shape, out.shape, eqn.params)
+  return 0
+
+
+def _operand_bytes(eqn) -> int:
+  return sum(math.prod(v.aval.shape) * jnp.dtype(v.aval.dtype).itemsize for v in [*eqn.invars[:2], *eqn.outvars])
+
+
+def _walk(jaxpr, tainted: set, mult: int) -> tuple[int, int, int]:
+  """(forward FLOPs, backward FLOPs, matmul operand bytes fwd + bwd) of a jaxpr whose `tainted`
+  vars depend on the parameters. Each backward matmul moves about as many bytes as its forward."""
+  fwd = bwd = mm_bytes = 0
+  for eqn in jaxpr.eqns:
+    ins = [isinstance(v, jcore.Var) and v in tainted for v in eqn.invars]
+    flops = _matmul_flops(eqn)
+    if flops:
+      fwd += flops * mult
+      bwd += flops * mult * sum(ins[:2])
+      mm_bytes += _operand_bytes(eqn) * mult * (1 + sum(ins[:2]))
+    subs = list(jcore.jaxprs_in_params(eqn.params))
+    if subs:
+      sub = subs[0]
+      inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+      if eqn.primitive.name == "scan":
+        n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        # a carry depends on the parameters if its initial value does or the body makes it so
+        sub_in = list(ins)
+        for _ in range(2):
+          t = {v for v, flag in zip(inner.invars, sub_in) if flag}
+          out_t = _taint(inner, t)
+          for j in range(n_carry):
+            sub_in[n_consts + j] = sub_in[n_consts + j] or (inner.outvars[j] in out_t)
+        f, b, m = _walk(inner, {v for v, flag in zip(inner.invars, sub_in) if flag}, mult * eqn.params["length"])
+      elif len(inner.invars) == len(eqn.invars):
+        f, b, m = _walk(inner, {v for v, flag in zip(inner.invars, ins) if flag}, mult)
+      else:  # a call whose operands do not line up one to one: assume all depend on the parameters
+        f, b, m = _walk(inner, set(inner.invars), mult)
+      fwd, bwd, mm_bytes = fwd + f, bwd + b, mm_bytes + m
+    if any(ins):
+      tainted.update(eqn.outvars)
+  return fwd, bwd, mm_bytes
+
+
+def _taint(jaxpr, tainted: set) -> set:
+  tainted = set(tainted)
+  for eqn in jaxpr.eqns:
+    if any(isinstance(v, jcore.Var) and v in tainted for v in eqn.invars):
+      tainted.update(eqn.outvars)
+  return tainted
+
+
+@dataclasses.dataclass(frozen=True)
+class Accounting:
+  params: int
+  flops_forward: float            # one global batch
+  flops_backward: float
+  param_bytes: int
+  grad_bytes: int
+  optimizer_bytes: int
+  activation_bytes: int           # residuals saved for the backward pass, one global batch, as configured
+  matmul_bytes: int               # operand + result bytes of the matmuls, forward and backward
+  examples_per_step: int
+  tokens_per_step: int
+
+  @property
+  def flops_per_step(self) -> float:
+    return self.flops_forward + self.flops_backward
+
+  def as_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "flops_per_step": self.flops_per_step}
+
+
+def loss_fn_and_args(cfg: Config):
+  """(loss(params, batch), abstract params, abstract batch, abstract optimizer state) of `cfg`'s
+  model on one global batch, laid out on one device (accounting is layout-free)."""
+  from dcmodel.inspect import abstract_batch
+  one = dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1, stage=1)
+  mesh = build_mesh(one, jax.devices()[:1])
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(one, mesh)):
+    graphdef, target, _ = state_lib.abstract_state(cfg, mesh)
+  model, opt = nnx.merge(graphdef, target)
+  gdef, params, rest = nnx.split(model, nnx.Param, ...)
+  strip = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+  task = tasks.get(cfg.model.task)
+  inputs = getattr(cfg.model, "inputs", ("x",))
+
+  def loss(p, batch):
+    return task(nnx.merge(gdef, p, rest)(*[batch[k] for k in inputs]), batch)[0]
+
+  return loss, strip(params), strip(abstract_batch(cfg, None)), strip(nnx.state(opt))
+
+
+def nbytes(tree) -> int:
+  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def account(cfg: Config) -> Accounting:
+  from jax._src.ad_checkpoint import saved_residuals   # what jax.grad keeps for the backward pass (remat-aware)
+  loss, params, batch, opt_state = loss_fn_and_args(cfg)
+  closed = jax.make_jaxpr(loss)(params, batch)
+  fwd, bwd, mm_bytes = _walk(closed.jaxpr, set(closed.jaxpr.invars[:len(jax.tree.leaves(params))]), 1)
+  act = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a, why in saved_residuals(loss, params, batch)
+            if "argument" not in str(why))
+  b = cfg.data.global_batch_size
+  tokens = b * cfg.model.input_shape()[0] if cfg.model.task == "lm" else b
+  return Accounting(params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
+                    flops_forward=float(fwd), flops_backward=float(bwd), param_bytes=nbytes(params),
+                    grad_bytes=nbytes(params), optimizer_bytes=nbytes(opt_state), activation_bytes=int(act), matmul_bytes=int(mm_bytes),
+                    examples_per_step=b, tokens_per_step=tokens)
+
+
+# ---- Closed forms for the transformer, the scaling book's per-layer formulas (SB transformers.md:183-310)
+# in our variant's terms: D = d_model, F = d_ff, N query heads, K KV heads, H head dim, L layers, V vocab.
+
+def transformer_params(cfg) -> int:
+  """Exact parameter count of `gpt`/`bert` (matrices, biases, norms, embeddings, head)."""
+  d, f, n, k, h, v = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.vocab_size
+  bias = cfg.use_bias
+  norm = d * (2 if cfg.norm == "layernorm" and bias else 1)
+  attn = d * (n + 2 * k) * h + n * h * d + (d if bias else 0)
+  mlp = (3 if cfg.mlp == "swiglu" else 2) * d * f + ((f + d) if bias else 0)
+  total = cfg.num_layers * (attn + mlp + 2 * norm) + norm + v * d
+  total += cfg.max_len * d if cfg.positions == "learned" else 0
+  if cfg.name == "gpt" and not cfg.tie_embeddings:
+    total += d * v
+  if cfg.name == "bert":
+    total += d * cfg.num_outputs + cfg.num_outputs
+  return total
+
+
+def transformer_flops(cfg, batch: int) -> tuple[float, float]:
+  """(forward, backward) matmul FLOPs of one step on `batch` sequences of cfg.max_len tokens."""
+  d, f, n, k, h, t = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.max_len
+  tokens = batch * t
+  per_layer = 2 * tokens * (d * (n + 2 * k) * h + n * h * d)            # Q, K, V, O projections
+  per_layer += 2 * tokens * (3 if cfg.mlp == "swiglu" else 2) * d * f     # MLP
+  per_layer += 2 * 2 * batch * t * t * n * h                              # QK^T and AV, full T x T (see module doc)
+  fwd = cfg.num_layers * per_layer
+  head = 2 * tokens * d * cfg.vocab_size if cfg.name == "gpt" else 2 * batch * d * cfg.num_outputs
+  fwd += head
+  return float(fwd), float(2 * fwd)   # every matmul's operands depend on the parameters (the input is a gather)
+
+
+# ---- Inference (SB inference.md:188-286)
+
+def kv_cache_bytes(cfg, batch: int, length: int, bytes_per_el: int = 4) -> int:
+  """2 (K and V) x bytes x KV heads x head dim x layers x tokens, for `batch` sequences."""
+  return 2 * bytes_per_el * cfg.kv_heads * cfg.head_dim * cfg.num_layers * length * batch
+
+
+def decode_step_s(param_bytes: float, kv_bytes: float, mem_bw: float, flops: float = 0.0, peak_flops: float = float("inf")) -> float:
+  """One generated token for the whole batch: read every weight and the KV cache once, or the
+  matmuls if they take longer: (B·KV + params)/W_mem vs 2·B·N/C (SB inference.md:209,221)."""
+  return max((kv_bytes + param_bytes) / mem_bw, flops / peak_flops)
+
+
+def prefill_s(flops: float, peak_flops: float, param_bytes: float = 0.0, mem_bw: float = float("inf")) -> float:
+  """Prefill of the prompts: compute-bound once the prompt tokens exceed the critical intensity."""
+  return max(flops / peak_flops, param_bytes / mem_bw)
