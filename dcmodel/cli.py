@@ -43,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
   i.add_argument("--compile", action="store_true", help="also AOT-compile the train step: XLA's per-device memory and FLOPs")
   i.add_argument("--json", action="store_true")
 
+  pl = sub.add_parser("plan", help="rank meshes for a model on a target system by predicted step time")
+  pl.add_argument("experiment")
+  pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  pl.add_argument("--hardware", required=True, help="catalog chip, e.g. tpu-v5p, h100")
+  pl.add_argument("--chips", type=int, required=True)
+  pl.add_argument("--chips-per-host", type=int, default=None)
+  pl.add_argument("--json", action="store_true")
+
+  be = sub.add_parser("bench", help="run the benchmark suite (from a source checkout): predicted vs measured")
+  be.add_argument("--quick", action="store_true", help="the CI-sized suite (< 3 minutes)")
+  be.add_argument("--only", action="append", default=[], help="run only this benchmark (repeatable)")
+
   pr = sub.add_parser("predict", help="batch inference over a split into a results store (resumes if interrupted)")
   pr.add_argument("experiment")
   pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -130,6 +142,25 @@ def cmd_inspect(args) -> int:
   return 0
 
 
+def cmd_plan(args) -> int:
+  import json
+  from dcmodel.perf.plan import plan, render
+  out = plan(_load_config(args), args.hardware, args.chips, args.chips_per_host)
+  print(json.dumps(out, indent=2) if args.json else render(out))
+  return 0
+
+
+def cmd_bench(args) -> int:
+  import subprocess
+  from pathlib import Path
+  from dcmodel.errors import UserError
+  root = Path(__file__).resolve().parents[1]
+  if not (root / "benchmarks" / "__main__.py").exists():
+    raise UserError(f"dcmodel bench runs from a source checkout; {root / 'benchmarks'} not found")
+  extra = (["--quick"] if args.quick else []) + [a for o in args.only for a in ("--only", o)]
+  return subprocess.call([sys.executable, "-m", "benchmarks", *extra], cwd=root)
+
+
 def cmd_predict(args) -> int:
   from dcmodel.infer.predict import predict
   cfg = _load_config(args)
@@ -198,7 +229,7 @@ def cmd_launch(args) -> int:
   return launch(args.processes, per, ["train", args.experiment, *args.rest])
 
 
-COMMANDS = {"train": cmd_train, "ingest": cmd_ingest, "inspect": cmd_inspect, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "ingest": cmd_ingest, "inspect": cmd_inspect, "plan": cmd_plan, "bench": cmd_bench, "predict": cmd_predict,
             "generate": cmd_generate, "query": cmd_query, "launch": cmd_launch}
 
 
@@ -206,7 +237,7 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   from dcmodel.errors import UserError
   try:
-    if args.command != "launch":
+    if args.command not in ("launch", "bench"):
       _set_host_devices(args.host_devices)
       from dcmodel.launch import initialize
       initialize()

@@ -18,6 +18,9 @@ class Chip:
   link_bw: float             # one-way bytes/s per device on the fast interconnect (ICI link / NVLink)
   dcn_bw: float              # one-way bytes/s per device across the data-center network
   source: str
+  # Share of the peak that large matmuls reach in practice: "H100s and B200s can usually only
+  # achieve around 80-85% of the claimed peak FLOPs, while TPUs can get closer to 95%" (SB roofline.md:92).
+  achievable: float = 0.95
 
   @property
   def critical_intensity(self) -> float:
@@ -32,9 +35,9 @@ CATALOG = {c.name: c for c in [
     Chip("tpu-v5p", 4.59e14, 96e9, 2.8e12, 9.0e10, 6.25e9, "scaling-book tpus.md:192-214"),
     Chip("tpu-v6e", 9.20e14, 32e9, 1.6e12, 9.0e10, 12.5e9, "scaling-book tpus.md:192-214"),
     # GPU: SB gpus.md:143-159 (HBM, FLOPs), 280-282 and 349-353 (NVLink per GPU, node egress 400e9/8).
-    Chip("a100", 3.1e14, 80e9, 2.0e12, 3.0e11, 400e9 / 8, "scaling-book gpus.md:143-159,280-282"),
-    Chip("h100", 9.9e14, 80e9, 3.4e12, 4.5e11, 400e9 / 8, "scaling-book gpus.md:143-159,349-353"),
-    Chip("h200", 9.9e14, 141e9, 4.8e12, 4.5e11, 400e9 / 8, "scaling-book gpus.md:143-159"),
+    Chip("a100", 3.1e14, 80e9, 2.0e12, 3.0e11, 400e9 / 8, "scaling-book gpus.md:143-159,280-282", 0.825),
+    Chip("h100", 9.9e14, 80e9, 3.4e12, 4.5e11, 400e9 / 8, "scaling-book gpus.md:143-159,349-353", 0.825),
+    Chip("h200", 9.9e14, 141e9, 4.8e12, 4.5e11, 400e9 / 8, "scaling-book gpus.md:143-159", 0.825),
 ]}
 
 

@@ -1,0 +1,125 @@
+"""Measure this host: matmul peak, memory bandwidth, and each collective's alpha-beta on the
+current devices. The figures a prediction uses on a machine with no catalog entry (and a
+check of the catalog on one that has).
+
+Calibration points are their own sizes, chosen here, never the configurations a benchmark
+scores. Timing: warm-up excluded, results blocked on, median of repeats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dcmodel.perf import collectives
+
+
+def _median_time(fn, *args, repeats: int = 5, warmup: int = 2) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+@dataclasses.dataclass(frozen=True)
+class HostCalibration:
+  matmul_flops: float                   # best float32 matmul FLOP/s over all devices together
+  mem_bw: float                         # bytes/s, read + write of a large array over all devices
+  collectives: dict                     # name -> {"alpha_s": ..., "bw": ...} on all devices (one ring)
+  devices: int
+  platform: str
+
+  def save(self, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+  @classmethod
+  def load(cls, path) -> "HostCalibration":
+    return cls(**json.loads(Path(path).read_text()))
+
+
+def matmul_peak(sizes=(512, 1024, 2048), dtype=jnp.float32) -> float:
+  """FLOP/s of the fastest square matmul, batched over every device (each multiplies its own)."""
+  mesh = jax.make_mesh((jax.device_count(),), ("d",))
+  best = 0.0
+  for n in sizes:
+    a = jax.device_put(jnp.ones((jax.device_count(), n, n), dtype), NamedSharding(mesh, P("d")))
+    f = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x))
+    best = max(best, 2 * jax.device_count() * n ** 3 / _median_time(f, a))
+  return best
+
+
+def memory_bandwidth(mib: int = 256) -> float:
+  """Bytes/s of x -> 2x over an array split across the devices, each byte read once and written
+  once into a fresh buffer, as a step's temporaries are (on a CPU host that includes the page
+  faults of new memory, which in-place updates avoid). Median of 9 runs."""
+  mesh = jax.make_mesh((jax.device_count(),), ("d",))
+  n = mib * 2 ** 20 // 4 // jax.device_count() * jax.device_count()
+  x = jax.device_put(jnp.ones((n,), jnp.float32), NamedSharding(mesh, P("d")))
+  f = jax.jit(lambda v: v * 2.0)
+  return 2 * 4 * n / _median_time(f, x, repeats=9)
+
+
+# Each collective as a shard_map over one axis, and the alpha-beta form that predicts it.
+def _collective_fns(n: int):
+  def wrap(body):
+    mesh = jax.make_mesh((n,), ("d",))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d"), check_vma=False))
+  return {
+      "all_gather": (wrap(lambda x: jax.lax.all_gather(x, "d", tiled=True)[: x.shape[0]]), collectives.all_gather),
+      "reduce_scatter": (wrap(lambda x: jax.lax.psum_scatter(jnp.tile(x, n), "d", tiled=True)), collectives.reduce_scatter),
+      "all_reduce": (wrap(lambda x: jax.lax.psum(x, "d")), collectives.all_reduce),
+      "all_to_all": (wrap(lambda x: jax.lax.all_to_all(x, "d", 0, 0, tiled=True)), collectives.all_to_all),
+      "ppermute": (wrap(lambda x: jax.lax.ppermute(x, "d", [(i, (i + 1) % n) for i in range(n)])), None),
+  }
+
+
+def collective_alpha_beta(sizes_bytes=(2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22, 2 ** 24)) -> dict:
+  """Fit t = steps·alpha + moved_bytes/bw for each collective by least squares over `sizes_bytes`
+  (the full array S for all-gather/all-reduce/all-to-all/reduce-scatter; each device's shard for ppermute)."""
+  n = jax.device_count()
+  mesh = jax.make_mesh((n,), ("d",))
+  out = {}
+  for name, (fn, model) in _collective_fns(n).items():
+    rows, times = [], []
+    for size in sizes_bytes:
+      elems = max(size // 4 // n, 1) * n
+      if name == "all_gather":
+        x = jnp.ones((elems,), jnp.float32)           # each device holds S/n and gathers S
+      elif name == "ppermute":
+        x = jnp.ones((elems * n,), jnp.float32)        # each device sends `size` bytes
+      else:
+        x = jnp.ones((elems,), jnp.float32)
+      x = jax.device_put(x, NamedSharding(mesh, P("d")))
+      s = 4.0 * elems
+      t = _median_time(fn, x)
+      if model is None:
+        rows.append([1.0, s])                         # alpha + shard/bw
+      else:                                            # steps from alpha=1,bw=inf; bytes from alpha=0,bw=1
+        rows.append([model(0.0, n, float("inf"), 1.0), model(s, n, 1.0, 0.0)])
+      times.append(t)
+    # relative least squares (each row divided by its time), so small sizes fix alpha and large ones bw
+    a, t = np.asarray(rows), np.asarray(times)
+    (alpha, inv_bw), *_ = np.linalg.lstsq(a / t[:, None], np.ones_like(t), rcond=None)
+    out[name] = {"alpha_s": float(max(alpha, 0.0)), "bw": float(1.0 / inv_bw) if inv_bw > 0 else float("inf"),
+                 "sizes_bytes": list(sizes_bytes), "median_s": times}
+  return out
+
+
+def calibrate(quick: bool = False) -> HostCalibration:
+  sizes = (2 ** 12, 2 ** 18, 2 ** 22) if quick else (2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22, 2 ** 24)
+  return HostCalibration(matmul_flops=matmul_peak((512, 1024) if quick else (512, 1024, 2048)),
+                         mem_bw=memory_bandwidth(256), collectives=collective_alpha_beta(sizes),
+                         devices=jax.device_count(), platform=jax.devices()[0].platform)
