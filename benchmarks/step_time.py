@@ -1,0 +1,148 @@
+"""Predicted vs measured train-step time over model sizes x layouts x mesh shapes (8 devices).
+
+1. Calibrate this host (matmul peak, memory bandwidth, collective alpha-beta) on synthetic
+   arrays of its own sizes: nothing a scored configuration runs.
+2. For each configuration: the analytic accounting (FLOPs, matmul bytes), XLA's memory
+   traffic for the step compiled on one device, and the host prediction
+   (dcmodel.perf.layouts.predict_on_host); then the real jitted train step on the 8-device
+   mesh, timed (warm-up excluded, blocked on, median of repeats).
+Writes benchmarks/results/step_time.json and PNG plots (scatter, step time by layout).
+Run: python -m benchmarks.step_time [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks.common import RESULTS, time_fn, write  # noqa: E402
+from dcmodel import config as config_lib  # noqa: E402
+from dcmodel.inspect import abstract_batch  # noqa: E402
+from dcmodel.mesh import batch_sharding, build_mesh, rules_for  # noqa: E402
+from dcmodel.perf import calibrate as calibrate_lib  # noqa: E402
+from dcmodel.perf.accounting import account  # noqa: E402
+from dcmodel.perf.layouts import Layout, predict_on_host  # noqa: E402
+from dcmodel.train import state as state_lib  # noqa: E402
+from dcmodel.train import tasks  # noqa: E402
+from dcmodel.train.step import make_train_step  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYOUTS = [Layout(8, 1, 1), Layout(1, 8, 1), Layout(4, 1, 2), Layout(2, 1, 4), Layout(1, 4, 2), Layout(1, 2, 4)]
+SIZES = {"gpt-d256": ["model.d_model=256", "model.d_ff=1024", "model.num_heads=4", "data.global_batch_size=64"],
+         "gpt-d512": ["model.d_model=512", "model.d_ff=2048", "model.num_heads=8", "data.global_batch_size=32"]}
+
+
+def configs(quick: bool):
+  if quick:
+    return [("gpt-d256", Layout(8, 1, 1)), ("gpt-d256", Layout(4, 1, 2)), ("gpt-d256", Layout(1, 8, 1))]
+  return [(size, layout) for size in SIZES for layout in LAYOUTS]
+
+
+def build(size: str, layout: Layout):
+  sets = SIZES[size] + [f"mesh.data={layout.data}", f"mesh.fsdp={layout.fsdp}", f"mesh.model={layout.model}"]
+  return config_lib.apply_overrides(config_lib.load_experiment(os.path.join(ROOT, "experiments", "stdlib_gpt.py")), sets)
+
+
+def one_device_bytes(cfg) -> float:
+  """XLA's bytes accessed by the train step compiled for one device: the layout-free traffic."""
+  one = dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1)
+  mesh = build_mesh(one, jax.devices()[:1])
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(one, mesh)):
+    graphdef, target, shardings = state_lib.abstract_state(cfg, mesh)
+    data = batch_sharding(mesh)
+    step = make_train_step(graphdef, tasks.get(cfg.model.task), shardings, data)
+    return float(step.lower(target, abstract_batch(cfg, data)).compile().cost_analysis()["bytes accessed"])
+
+
+def measure(cfg, repeats: int) -> dict:
+  """Timing of the real train step on the configured mesh."""
+  mesh = build_mesh(cfg.mesh)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
+    graphdef, target, shardings = state_lib.abstract_state(cfg, mesh)
+    state = state_lib.init_state(cfg, shardings)
+    data = batch_sharding(mesh)
+    step = make_train_step(graphdef, tasks.get(cfg.model.task), shardings, data)
+    spec = abstract_batch(cfg, data)
+    rng = np.random.default_rng(0)
+    batch = {k: jax.device_put((np.ones if k == "mask" else lambda s, d: rng.integers(0, 256, s).astype(d))(v.shape, v.dtype), data)
+             for k, v in spec.items()}
+    holder = [state]
+
+    def run():
+      holder[0], sums = step(holder[0], batch)
+      return sums
+
+    return time_fn(run, repeats=repeats, warmup=3)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser()
+  p.add_argument("--quick", action="store_true")
+  args = p.parse_args(argv)
+  t0 = time.perf_counter()
+  cal = calibrate_lib.calibrate(quick=args.quick)
+  cal.save(RESULTS / "calibration.json")
+  rows = []
+  for size, layout in tqdm(configs(args.quick), desc="step-time sweep", unit="config"):
+    cfg = build(size, layout)
+    acc = account(cfg)
+    bytes_accessed = one_device_bytes(cfg)
+    timing = measure(cfg, repeats=3 if args.quick else 5)
+    pred = predict_on_host(acc, cfg.model, layout, cal, bytes_accessed)
+    measured = timing["median_s"]
+    rows.append({"model": size, "layout": layout.name(), "mesh": [layout.data, layout.fsdp, layout.model],
+                 "params": acc.params, "flops_per_step": acc.flops_per_step, "one_device_bytes_accessed": bytes_accessed,
+                 "predicted_s": pred.step_s, "measured_s": measured, "spread": timing["spread"],
+                 "error": pred.step_s / measured - 1, "bottleneck": pred.bottleneck,
+                 "predicted_terms_s": {"compute": pred.compute_s, "memory": pred.memory_s, **pred.comm_s},
+                 "mfu_measured": acc.flops_per_step / (measured * cal.matmul_flops)})
+  errors = np.abs([r["error"] for r in rows])
+  summary = {"configs": len(rows), "median_abs_error": float(np.median(errors)), "max_abs_error": float(np.max(errors)),
+             "pass": bool(np.median(errors) <= 0.15 and np.max(errors) <= 0.35),
+             "calibration": {"matmul_flops": cal.matmul_flops, "mem_bw": cal.mem_bw}, "wall_s": time.perf_counter() - t0}
+  write("step_time" + ("_quick" if args.quick else ""), {"summary": summary, "rows": rows})
+  plot(rows, "_quick" if args.quick else "")
+  print(f"{'model':10s} {'layout':14s} {'predicted':>10s} {'measured':>10s} {'error':>7s} {'MFU':>5s}  bottleneck")
+  for r in rows:
+    print(f"{r['model']:10s} {r['layout']:14s} {r['predicted_s']:9.3f}s {r['measured_s']:9.3f}s {r['error']:+6.1%} "
+          f"{r['mfu_measured']:5.0%}  {r['bottleneck']}")
+  print(f"median |error| {summary['median_abs_error']:.1%}, worst {summary['max_abs_error']:.1%} over {len(rows)} configs "
+        f"(calibrated peak {cal.matmul_flops / 1e9:.0f} GFLOP/s, {cal.mem_bw / 1e9:.1f} GB/s)")
+  return 0 if summary["pass"] else 1
+
+
+def plot(rows, suffix: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+  for model in sorted({r["model"] for r in rows}):
+    sel = [r for r in rows if r["model"] == model]
+    ax[0].scatter([r["measured_s"] for r in sel], [r["predicted_s"] for r in sel], label=model)
+  lim = [0, 1.1 * max(max(r["measured_s"], r["predicted_s"]) for r in rows)]
+  ax[0].plot(lim, lim, "k--", lw=1, label="exact")
+  ax[0].fill_between(lim, [0.85 * v for v in lim], [1.15 * v for v in lim], color="gray", alpha=0.15, label="±15%")
+  ax[0].set(xlabel="measured step (s)", ylabel="predicted step (s)", title="train step: predicted vs measured", xlim=lim, ylim=lim)
+  ax[0].legend()
+  labels = [f"{r['model']}\n{r['layout']}" for r in rows]
+  x = np.arange(len(rows))
+  ax[1].bar(x - 0.2, [r["measured_s"] for r in rows], 0.4, label="measured")
+  ax[1].bar(x + 0.2, [r["predicted_s"] for r in rows], 0.4, label="predicted")
+  ax[1].set_xticks(x, labels, rotation=70, fontsize=7)
+  ax[1].set(ylabel="step (s)", title="step time by layout (8 simulated devices)")
+  ax[1].legend()
+  fig.tight_layout()
+  fig.savefig(RESULTS / f"step_time{suffix}.png", dpi=110)
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
