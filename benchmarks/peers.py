@@ -1,0 +1,193 @@
+"""Peers, side by side in one run: the design documents' Keras code (Keras 3 on its JAX
+backend) and PyTorch eager on this CPU, against dcmodel's train loop, for the documents'
+models at batch 32 on the same data for the same number of epochs.
+
+- mlp: 64 -> 256 -> 128 -> 10 on the digits (doc 002's classifier), Adam 1e-3, 10 epochs;
+- cnn: conv 32 -> pool -> conv 64 -> pool -> dense 10 on the 8x8 digits (doc 004's CNN, SAME
+  padding so the 8x8 images survive two poolings), Adam 1e-3, 10 epochs;
+- rec: 100 -> 64 -> 32 -> 1 sigmoid on the planted tabular clicks (doc 003's recommender), 3 epochs.
+
+Each framework runs in its own process on the same arrays (dcmodel's cleaned, train-normalized
+splits, written once to an .npz). Throughput excludes the first epoch (compilation, warm-up);
+each framework's final test accuracy is reported beside it. Needs the `peers` extra:
+`pip install -e '.[peers]'` (keras, torch==2.13.0 CPU).
+Run: python -m benchmarks.peers [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 32
+MODELS = {"mlp": ("digits_mlp", 10), "cnn": ("digits_cnn", 10), "rec": ("recommender_mlp", 3)}
+
+
+def export(model: str, path: Path) -> None:
+  """The experiment's cleaned, normalized train/test arrays, as every framework will see them."""
+  from dcmodel import config as config_lib
+  from dcmodel.data import preprocess, sources
+  cfg = config_lib.load_experiment(ROOT / "experiments" / f"{MODELS[model][0]}.py")
+  prepared = preprocess.prepare(sources.load(cfg.data))
+  norm = prepared.normalizer
+  tr, te = prepared.splits["train"], prepared.splits["test"]
+  x = lambda cols: np.asarray(norm(cols["x"]) if norm is not None else cols["x"], np.float32)
+  np.savez(path, x_train=x(tr), y_train=np.asarray(tr["y"]), x_test=x(te), y_test=np.asarray(te["y"]))
+
+
+# ---------------------------------------------------------------- dcmodel
+def run_dcmodel(model: str, data: Path, epochs: int) -> dict:
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  import jax
+  from dcmodel import config as config_lib
+  from dcmodel.train.loop import train
+  arrays = np.load(data)
+  n = len(arrays["y_train"])
+  steps_per_epoch = n // BATCH
+  cfg = config_lib.apply_overrides(config_lib.load_experiment(ROOT / "experiments" / f"{MODELS[model][0]}.py"), [
+      f"data.global_batch_size={BATCH}", "data.eval_batch_size=128", f"train.steps={steps_per_epoch * epochs}",
+      f"train.log_every={steps_per_epoch * epochs}", "train.progress=false", "checkpoint.enabled=false",
+      "optimizer.name=adam", "optimizer.learning_rate=0.001", "optimizer.schedule=constant", "optimizer.weight_decay=0.0",
+      "mesh.data=1", "mesh.model=1"])
+  stamps = {}
+  hook = lambda step, _b: stamps.setdefault(step, time.perf_counter())
+  with tempfile.TemporaryDirectory() as work:
+    result = train(cfg, work, hooks=(hook,), devices=jax.devices()[:1])
+  # the loop's last metrics read waits for the last step; the final eval comes after and is excluded
+  end = stamps[max(stamps)]
+  start = stamps[steps_per_epoch]
+  timed = (max(stamps) - steps_per_epoch) * BATCH
+  acc = result.final_eval.get("accuracy")
+  return {"examples_per_s": timed / (end - start), "test_accuracy": acc, "test_auc": result.final_eval.get("auc")}
+
+
+# ---------------------------------------------------------------- Keras 3 on JAX (the documents' code)
+def run_keras(model: str, data: Path, epochs: int) -> dict:
+  os.environ["KERAS_BACKEND"] = "jax"
+  import keras
+  from keras import layers
+  a = np.load(data)
+  keras.utils.set_random_seed(0)
+  if model == "mlp":
+    net = keras.Sequential([keras.Input((64,)), layers.Dense(256, activation="relu"), layers.Dense(128, activation="relu"),
+                            layers.Dense(10, activation="softmax")])
+    loss, x_train, x_test = "sparse_categorical_crossentropy", a["x_train"], a["x_test"]
+  elif model == "cnn":
+    net = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(32, (3, 3), padding="same", activation="relu"),
+                            layers.MaxPooling2D((2, 2)), layers.Conv2D(64, (3, 3), padding="same", activation="relu"),
+                            layers.MaxPooling2D((2, 2)), layers.Flatten(), layers.Dense(10, activation="softmax")])
+    loss, x_train, x_test = "sparse_categorical_crossentropy", a["x_train"].reshape(-1, 8, 8, 1), a["x_test"].reshape(-1, 8, 8, 1)
+  else:
+    net = keras.Sequential([keras.Input((100,)), layers.Dense(64, activation="relu"), layers.Dense(32, activation="relu"),
+                            layers.Dense(1, activation="sigmoid")])
+    loss, x_train, x_test = "binary_crossentropy", a["x_train"], a["x_test"]
+  net.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
+  times = []
+
+  class Clock(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+      self.t = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+      times.append(time.perf_counter() - self.t)
+
+  net.fit(x_train, a["y_train"], epochs=epochs, batch_size=BATCH, verbose=0, callbacks=[Clock()], shuffle=True)
+  _, acc = net.evaluate(x_test, a["y_test"], verbose=0)
+  return {"examples_per_s": len(x_train) * (epochs - 1) / sum(times[1:]), "test_accuracy": float(acc)}
+
+
+# ---------------------------------------------------------------- PyTorch eager
+def run_torch(model: str, data: Path, epochs: int) -> dict:
+  import torch
+  from torch import nn
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+  a = {k: torch.from_numpy(v) for k, v in np.load(data).items()}
+  if model == "mlp":
+    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    shape, loss_fn = (-1, 64), nn.CrossEntropyLoss()
+  elif model == "cnn":
+    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 2 * 2, 10))
+    shape, loss_fn = (-1, 1, 8, 8), nn.CrossEntropyLoss()
+  else:
+    net = nn.Sequential(nn.Linear(100, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
+    shape, loss_fn = (-1, 100), nn.BCEWithLogitsLoss()
+  opt = torch.optim.Adam(net.parameters(), 1e-3)
+  x, y = a["x_train"].reshape(shape), a["y_train"]
+  y = y.float() if model == "rec" else y.long()
+  times = []
+  for _ in range(epochs):
+    t = time.perf_counter()
+    perm = torch.randperm(len(x))
+    for i in range(0, len(x), BATCH):
+      idx = perm[i:i + BATCH]
+      out = net(x[idx])
+      loss = loss_fn(out.squeeze(-1) if model == "rec" else out, y[idx])
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+    times.append(time.perf_counter() - t)
+  with torch.no_grad():
+    out = net(a["x_test"].reshape(shape))
+    pred = (out.squeeze(-1) > 0).long() if model == "rec" else out.argmax(-1)
+    acc = float((pred == a["y_test"].long()).float().mean())
+  return {"examples_per_s": len(x) * (epochs - 1) / sum(times[1:]), "test_accuracy": acc}
+
+
+RUNNERS = {"dcmodel": run_dcmodel, "keras": run_keras, "torch": run_torch}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser()
+  p.add_argument("--quick", action="store_true", help="fewer epochs (3; 2 for rec)")
+  p.add_argument("--one", nargs=3, metavar=("FRAMEWORK", "MODEL", "DATA"), help=argparse.SUPPRESS)
+  p.add_argument("--epochs", type=int, default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.one:
+    framework, model, data = args.one
+    print(json.dumps(RUNNERS[framework](model, Path(data), args.epochs)))
+    return 0
+  missing = [m for m in ("keras", "torch") if subprocess.call([sys.executable, "-c", f"import {m}"], stderr=subprocess.DEVNULL)]
+  if missing:
+    print(f"peers need the optional extra: pip install -e '.[peers]' (missing: {', '.join(missing)})", file=sys.stderr)
+    return 2
+  from benchmarks.common import write
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for model, (_, epochs) in MODELS.items():
+      epochs = min(epochs, 3 if model != "rec" else 2) if args.quick else epochs
+      data = Path(tmp) / f"{model}.npz"
+      export(model, data)
+      row = {"model": model, "batch": BATCH, "epochs": epochs}
+      for framework in RUNNERS:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("XLA_FLAGS", None)   # one CPU device for every framework
+        out = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--one", framework, model, str(data), "--epochs", str(epochs)],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+        if out.returncode:
+          raise SystemExit(f"{framework} on {model} failed:\n{out.stderr[-3000:]}")
+        row[framework] = json.loads(out.stdout.strip().splitlines()[-1])
+      row["vs_keras"] = row["dcmodel"]["examples_per_s"] / row["keras"]["examples_per_s"]
+      row["vs_torch"] = row["dcmodel"]["examples_per_s"] / row["torch"]["examples_per_s"]
+      rows.append(row)
+      print(f"{model}: dcmodel {row['dcmodel']['examples_per_s']:9.0f} ex/s (acc {row['dcmodel']['test_accuracy']:.4f}) | "
+            f"keras {row['keras']['examples_per_s']:8.0f} (acc {row['keras']['test_accuracy']:.4f}) | "
+            f"torch {row['torch']['examples_per_s']:8.0f} (acc {row['torch']['test_accuracy']:.4f}) | "
+            f"{row['vs_keras']:.1f}x keras, {row['vs_torch']:.1f}x torch", flush=True)
+  write("peers" + ("_quick" if args.quick else ""), {"rows": rows})
+  ok = all(r["vs_keras"] >= 5 and r["vs_torch"] >= 2 for r in rows)
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
