@@ -1,8 +1,8 @@
 """The Grain pipeline: shuffle -> this process's share -> batch -> gather + normalize -> devices.
 
 Every global batch holds the same examples whatever the process count: the shuffled stream
-is global (same seed everywhere) and process p takes every P-th element of it, so the P
-local batches of step s together are exactly global batch s. Each process reads only its
+is global (same seed everywhere) and process p takes every P-th row of each global batch, so
+the P local batches of step s together are exactly global batch s. Each process reads only its
 own rows. The iterator is Grain's, so its state (a step index) checkpoints with Orbax and a
 resumed run sees exactly the batches an uninterrupted one would.
 """
@@ -33,12 +33,44 @@ class Gather(grain.transforms.Map):
     return batch
 
 
+class GlobalBatchRows(grain.transforms.Map):
+  """Step s -> this process's row indices of global batch s.
+
+  The global stream is the concatenation of per-epoch permutations of the rows (epoch e
+  permuted by a generator seeded with (seed, e)); global batch s is positions [s*B, (s+1)*B)
+  of it, and process p takes every P-th of those. One vectorized gather per batch instead of
+  a shuffle per element, so the host keeps up with small steps.
+  """
+
+  def __init__(self, rows: int, global_batch_size: int, seed: int, process: int, processes: int):
+    self.rows, self.batch, self.seed, self.process, self.processes = rows, global_batch_size, seed, process, processes
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) > 2:
+        self._perms.pop(min(self._perms))
+      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+    return self._perms[epoch]
+
+  def map(self, step) -> np.ndarray:
+    pos = int(step) * self.batch + np.arange(self.process, self.batch, self.processes)
+    epoch, offset = np.divmod(pos, self.rows)
+    out = np.empty(len(pos), np.int64)
+    for e in np.unique(epoch):
+      sel = epoch == e
+      out[sel] = self._perm(int(e))[offset[sel]]
+    return out
+
+
+ENDLESS = 2 ** 50   # steps; a random-access dataset needs a length
+
+
 def train_iterator(cols: Columns, feature: str, normalizer, global_batch_size: int, seed: int,
                    read_threads: int = 1, prefetch: int = 4) -> grain.DatasetIterator:
   """An endless, per-epoch reshuffled iterator of this process's part of each global batch."""
   p, count = jax.process_index(), jax.process_count()
-  ds = grain.MapDataset.range(num_rows(cols)).seed(seed).shuffle().repeat()
-  ds = ds[p::count].batch(global_batch_size // count, drop_remainder=True)
+  ds = grain.MapDataset.range(ENDLESS).map(GlobalBatchRows(num_rows(cols), global_batch_size, seed, p, count))
   ds = ds.map(Gather(cols, feature, normalizer))
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)))
 
@@ -53,6 +85,10 @@ def eval_batches(cols: Columns, feature: str, normalizer, global_batch_size: int
   return ds
 
 
-def to_device(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  """Assemble the global jax.Array from every process's local rows, split over the batch axes."""
+def to_device(batch: dict[str, np.ndarray], sharding, keys=None) -> dict[str, jax.Array]:
+  """Assemble the global jax.Array from every process's local rows, split over the batch axes
+  (only `keys`, if given: ids stay on the host). One transfer call when there is one process."""
+  batch = {k: batch[k] for k in keys} if keys is not None else batch
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -25,7 +25,7 @@ from dcmodel.mesh import batch_divisor, batch_sharding, build_mesh, check_batch,
 from dcmodel.train import state as state_lib
 from dcmodel.train import tasks
 from dcmodel.train.metrics import MetricsWriter
-from dcmodel.train.step import make_eval_step, make_train_step
+from dcmodel.train.step import make_eval_step, make_train_step, stacked
 
 Hook = Callable[[int, dict], None]   # called with (step, host batch) before each train step
 
@@ -125,7 +125,10 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
     if state is None:
       state = state_lib.init_state(cfg, shardings)
     inputs = getattr(cfg.model, "inputs", ("x",))
-    train_step = make_train_step(graphdef, task_fn, shardings, data_sharding, inputs, cfg.train.grad_accum_steps)
+    device_keys = (*inputs, "y", "mask")
+    per_call = cfg.train.steps_per_dispatch
+    train_step = make_train_step(graphdef, task_fn, shardings, data_sharding, inputs, cfg.train.grad_accum_steps, per_call)
+    call_sharding = stacked(data_sharding) if per_call > 1 else data_sharding
     eval_step = make_eval_step(graphdef, task_fn, shardings, data_sharding, inputs)
 
     def run_eval(step):
@@ -141,28 +144,30 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
       bar = tqdm(total=steps, initial=start, disable=not cfg.train.progress or jax.process_index() != 0,
                  desc=cfg.name, unit="step", dynamic_ncols=True)
       pending, window_start, skipped = [], time.perf_counter(), 0
-      for step in range(start, steps):
-        host_batch = next(it)
-        for hook in hooks:
-          hook(step, host_batch)
-        state, sums = train_step(state, pipeline.to_device(host_batch, data_sharding))
+      for step in range(start, steps, per_call):
+        host_batches = [next(it) for _ in range(per_call)]
+        for i, host_batch in enumerate(host_batches):
+          for hook in hooks:
+            hook(step + i, host_batch)
+        host = host_batches[0] if per_call == 1 else {k: np.stack([b[k] for b in host_batches]) for k in device_keys}
+        state, sums = train_step(state, pipeline.to_device(host, call_sharding, device_keys))
         pending.append(sums)
-        done = step + 1
-        bar.update(1)
+        done = step + per_call
+        bar.update(per_call)
         if done % cfg.train.log_every == 0 or done == steps:
           total = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(pending))  # the one host sync
           elapsed = time.perf_counter() - window_start
           skipped += int(total.pop("nonfinite"))
           metrics = tasks.summarize(total, cfg.model.task)
           writer.write({"step": done, "split": "train", **metrics, "skipped_nonfinite_steps": skipped,
-                        "steps_per_s": len(pending) / elapsed, "examples_per_s": metrics["examples"] / elapsed})
+                        "steps_per_s": len(pending) * per_call / elapsed, "examples_per_s": metrics["examples"] / elapsed})
           bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.3f}")
           if skipped and cfg.train.nonfinite == "stop":
             bar.close()
             if ckpt:
               ckpt.wait()
             last = ckpt.latest_step() if ckpt else None
-            raise UserError(f"non-finite loss or gradients in {skipped} step(s) between steps {done - len(pending) + 1} "
+            raise UserError(f"non-finite loss or gradients in {skipped} step(s) between steps {done - len(pending) * per_call + 1} "
                             f"and {done}; their updates were not applied and training stopped (train.nonfinite=stop); "
                             f"last checkpoint: {last}")
           pending, window_start = [], time.perf_counter()
