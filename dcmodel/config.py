@@ -82,6 +82,7 @@ class TrainConfig:
   final_eval: bool = True        # evaluate on the test split when training ends
   nonfinite: str = "skip"        # a NaN/Inf loss or gradient: skip the update (counted) | stop
   grad_accum_steps: int = 1      # microbatches per step; gradients are averaged before the update
+  steps_per_dispatch: int = 1    # train steps run inside one jitted call (a scan): small steps stop paying host overhead
   progress: bool = True
 
 
@@ -261,10 +262,17 @@ def validate(cfg: Config) -> None:
       "checkpoint.max_to_keep": cfg.checkpoint.max_to_keep,
       "data.read_threads": cfg.data.read_threads,
       "train.grad_accum_steps": cfg.train.grad_accum_steps,
+      "train.steps_per_dispatch": cfg.train.steps_per_dispatch,
   }
   for key, value in positive.items():
     if value <= 0:
       raise UserError(f"{key} must be a positive integer, got {value}")
+  k = cfg.train.steps_per_dispatch
+  for key, value in {"train.steps": cfg.train.steps, "train.log_every": cfg.train.log_every,
+                     "train.eval_every": cfg.train.eval_every,
+                     "checkpoint.every_steps": cfg.checkpoint.every_steps if cfg.checkpoint.enabled else 0}.items():
+    if value % k:
+      raise UserError(f"{key}={value} must be a multiple of train.steps_per_dispatch={k} (steps run {k} at a time)")
   if not 0.0 < cfg.data.test_fraction < 1.0:
     raise UserError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
   if cfg.optimizer.learning_rate <= 0:

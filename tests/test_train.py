@@ -110,3 +110,30 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                jax.device_get(state_lib.params(four.graphdef, four.state)),
                jax.device_get(state_lib.params(one.graphdef, one.state)))
+
+
+def test_steps_per_dispatch_equals_one_step_per_call(tmp_path):
+  """k steps in one jitted scan: the same batches, losses and parameters as k calls, and a
+  resume from a checkpoint taken between calls is exact."""
+  def run(k, name, steps=16):
+    cfg = experiment("digits_mlp", f"train.steps={steps}", "train.log_every=4", "checkpoint.every_steps=8",
+                     f"train.steps_per_dispatch={k}")
+    seen = []
+    r = train(cfg, tmp_path / name, hooks=(lambda step, b: seen.append((step, b["id"].tolist())),))
+    return r, seen, [m["loss"] for m in read(tmp_path / name / "metrics.jsonl") if m["split"] == "train"]
+  one, ids1, l1 = run(1, "k1")
+  four, ids4, l4 = run(4, "k4")
+  assert ids4 == ids1
+  np.testing.assert_allclose(l4, l1, rtol=1e-5)
+  params = lambda r: jax.device_get(state_lib.params(r.graphdef, r.state))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params(four), params(one))
+  run(4, "resumed", steps=8)
+  resumed, _, _ = run(4, "resumed")
+  assert resumed.start_step == 8
+  jax.tree.map(np.testing.assert_array_equal, params(resumed), params(four))
+
+
+def test_steps_per_dispatch_must_divide_the_schedule():
+  from dcmodel.errors import UserError
+  with pytest.raises(UserError, match=r"train.log_every=50 must be a multiple of train.steps_per_dispatch=16"):
+    experiment("digits_mlp", "train.steps=160", "train.steps_per_dispatch=16", "checkpoint.every_steps=32")
