@@ -72,6 +72,15 @@ def memory_bandwidth(mib: int = 256) -> float:
   return 2 * 4 * n / _median_time(f, x, repeats=9)
 
 
+def read_bandwidth(mib: int = 256) -> float:
+  """Bytes/s of summing an array split across the devices: each byte read once, nothing written
+  (the traffic of reading weights and a KV cache in decoding). Median of 9 runs."""
+  mesh = jax.make_mesh((jax.device_count(),), ("d",))
+  n = mib * 2 ** 20 // 4 // jax.device_count() * jax.device_count()
+  x = jax.device_put(jnp.ones((n,), jnp.float32), NamedSharding(mesh, P("d")))
+  return 4 * n / _median_time(jax.jit(jnp.sum), x, repeats=9)
+
+
 # Each collective as a shard_map over one axis, and the alpha-beta form that predicts it.
 def _collective_fns(n: int):
   def wrap(body):
