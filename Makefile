@@ -17,4 +17,4 @@ quickstart: $(STAMP)
 	$(VENV)/bin/dcmodel train experiments/digits_cnn.py --workdir runs/quickstart
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 tests
