@@ -33,11 +33,12 @@ def main(argv=None):
   p.add_argument("--every", type=int, default=100)
   p.add_argument("--warmup", type=int, default=200, help="steps before the memory baseline (a multiple of 100)")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak.json"))
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
   args = p.parse_args(argv)
 
   cfg = config_lib.apply_overrides(config_lib.load_experiment(ROOT / "experiments" / "digits_cnn.py"), [
       f"train.steps={args.steps}", f"checkpoint.every_steps={args.every}", "train.log_every=100",
-      "checkpoint.max_to_keep=2", "train.progress=true"])
+      "checkpoint.max_to_keep=2", "train.progress=true", *args.set])
   proc = psutil.Process()
   stamps, rss = [], {}
 
