@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = [
     ("benchmarks.step_time", ["--quick"], []),
     ("benchmarks.inference", ["--quick"], []),
-    ("benchmarks.compression", ["--steps", "30"], []),
+    ("benchmarks.compression", ["--quick"], []),
+    ("benchmarks.peers", None, []),
     ("benchmarks.pipeline_bubble", None, []),
     ("benchmarks.soak", None, []),
 ]

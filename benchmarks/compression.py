@@ -24,7 +24,10 @@ def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--experiment", default="digits_mlp")
   p.add_argument("--steps", type=int, default=100)
+  p.add_argument("--quick", action="store_true", help="30 steps, results to compression_quick.json")
   args = p.parse_args(argv)
+  if args.quick:
+    args.steps = 30
   cfg = config_lib.apply_overrides(config_lib.load_experiment(ROOT / "experiments" / f"{args.experiment}.py"),
                                    ["mesh.model=1", f"train.steps={args.steps}", "checkpoint.enabled=false"])
   runs = {mode: data_parallel.train(cfg, mode) for mode in ("none", "bf16", "int8")}
@@ -41,7 +44,7 @@ def main(argv=None):
     print(f"{mode:5s}: {r.bytes_per_step / 1e3:8.1f} kB/step/device ({base.bytes_per_step / r.bytes_per_step:.0f}x less), "
           f"test loss {r.final_eval['loss']:.4f} ({rows[-1]['test_loss_vs_float32']:+.2%}), "
           f"train loss {train_loss:.4f} ({rows[-1]['train_loss_vs_float32']:+.2%})")
-  write("compression", {"experiment": args.experiment, "steps": args.steps, "devices": 8, "rows": rows})
+  write("compression_quick" if args.quick else "compression", {"experiment": args.experiment, "steps": args.steps, "devices": 8, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   t0 = time.perf_counter()
   cal = calibrate_lib.calibrate(quick=args.quick)
-  cal.save(RESULTS / "calibration.json")
+  cal.save(RESULTS / ("calibration_quick.json" if args.quick else "calibration.json"))
   rows = []
   for size, layout in tqdm(configs(args.quick), desc="step-time sweep", unit="config"):
     cfg = build(size, layout)
