@@ -232,7 +232,7 @@ def test_disk_filling_up_mid_run_leaves_no_fake_checkpoint(tmp_path):
   try:
     def fill(step, batch):
       if step == 12:                                   # after the step-10 checkpoint
-        with open(disk / "ballast", "wb") as f:
+        with open(disk / "ballast", "wb", buffering=0) as f:   # unbuffered: close has nothing left to flush
           try:
             while True:
               f.write(b"\0" * 65536)
