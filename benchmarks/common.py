@@ -11,17 +11,13 @@ from pathlib import Path
 
 import jax
 
+from dcmodel.perf.calibrate import timed_calls
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def time_fn(fn, *args, repeats: int = 7, warmup: int = 2) -> dict:
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
+  times = timed_calls(fn, *args, repeats=repeats, warmup=warmup)
   return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
           "spread": (max(times) - min(times)) / statistics.median(times), "repeats": repeats}
 

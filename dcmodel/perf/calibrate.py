@@ -22,7 +22,8 @@ from jax.sharding import PartitionSpec as P
 from dcmodel.perf import collectives
 
 
-def _median_time(fn, *args, repeats: int = 5, warmup: int = 2) -> float:
+def timed_calls(fn, *args, repeats: int = 5, warmup: int = 2) -> list[float]:
+  """Seconds of each of `repeats` calls of fn(*args), after `warmup` calls, each blocked on."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times = []
@@ -30,7 +31,11 @@ def _median_time(fn, *args, repeats: int = 5, warmup: int = 2) -> float:
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  return times
+
+
+def _median_time(fn, *args, repeats: int = 5, warmup: int = 2) -> float:
+  return float(np.median(timed_calls(fn, *args, repeats=repeats, warmup=warmup)))
 
 
 @dataclasses.dataclass(frozen=True)
