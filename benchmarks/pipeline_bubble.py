@@ -54,6 +54,23 @@ def main():
           f"step {timings[m]['median_s'] * 1e3:.1f} ms (spread {timings[m]['spread']:.0%})")
   print(f"calibrated on m=64: tick {tick * 1e3:.2f} ms")
   write("pipeline_bubble", {"tick_s": tick, "calibration_microbatches": 64, "rows": rows})
+  plot(rows)
+
+
+def plot(rows) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from benchmarks.common import RESULTS
+  m = np.arange(1, 33)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(m, [bubble_fraction(STAGES, int(k)) for k in m], "k-", label=f"(p-1)/(m+p-1), p={STAGES}")
+  ax.errorbar([r["microbatches"] for r in rows], [r["measured_bubble"] for r in rows],
+              yerr=[abs(r["spread"] * r["measured_bubble"]) for r in rows], fmt="o", label="measured (spread as error bar)")
+  ax.set(xlabel="microbatches m", ylabel="bubble fraction", title="GPipe bubble over 4 stages (shared 2-core CPU)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(RESULTS / "pipeline_bubble.png", dpi=110)
 
 
 if __name__ == "__main__":
