@@ -8,7 +8,7 @@ def get_config() -> Config:
   return Config(
       name="stdlib_bert",
       model=models.get_config("bert", vocab_size=256, max_len=256, d_model=64, num_layers=2, num_heads=4,
-                              d_ff=256, positions="learned", num_outputs=10),
+                              d_ff=256, positions="rope", num_outputs=10),
       data=DataConfig(source="stdlib_snippets", global_batch_size=32, eval_batch_size=128,
                       options={"snippet_len": 256, "max_per_class": 3000}),
       mesh=MeshConfig(data=-1),
