@@ -80,6 +80,14 @@ def _flat_prints(prints) -> tuple[dict[str, int], bool]:
   return hashes, all(bool(f) for _, (_, f) in leaves)
 
 
+def _everywhere(ok: bool) -> bool:
+  """True when `ok` holds on every process."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
 class DamagedCheckpoint(Exception):
   pass
 
@@ -117,12 +125,23 @@ class Checkpointer:
       return
     with self._write_errors(self._unverified[-1]):
       self.manager.wait_until_finished()
+    if jax.process_count() > 1:
+      # The primary process commits a step after the others return from waiting: meet here so
+      # every process reads the committed step, and agree on the outcome, so that retention
+      # (which deletes collectively) decides the same everywhere.
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"dcmodel-saved-{self._unverified[-1]}")
     for step in self._unverified:
+      problem = None
       try:
         self._read(step, self._target, None)
-        self._verified.add(step)
       except DamagedCheckpoint as e:
-        print(f"dcmodel: warning: checkpoint step {step} failed verification after save: {e}", flush=True)
+        problem = str(e)
+      if _everywhere(problem is None):
+        self._verified.add(step)
+      else:
+        print(f"dcmodel: warning: checkpoint step {step} failed verification after save: "
+              f"{problem or 'on another process'}", flush=True)
     self._unverified = []
     _trim_host_heap()
     self._retain()
