@@ -26,7 +26,7 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks.common import RESULTS, time_fn, write  # noqa: E402
 from dcmodel import config as config_lib  # noqa: E402
-from dcmodel.inspect import abstract_batch  # noqa: E402
+from dcmodel.inspect import abstract_batch, describe  # noqa: E402
 from dcmodel.mesh import batch_sharding, build_mesh, rules_for  # noqa: E402
 from dcmodel.perf import calibrate as calibrate_lib  # noqa: E402
 from dcmodel.perf.accounting import account  # noqa: E402
@@ -54,13 +54,8 @@ def build(size: str, layout: Layout):
 
 def one_device_bytes(cfg) -> float:
   """XLA's bytes accessed by the train step compiled for one device: the layout-free traffic."""
-  one = dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1)
-  mesh = build_mesh(one, jax.devices()[:1])
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(one, mesh)):
-    graphdef, target, shardings = state_lib.abstract_state(cfg, mesh)
-    data = batch_sharding(mesh)
-    step = make_train_step(graphdef, tasks.get(cfg.model.task), shardings, data)
-    return float(step.lower(target, abstract_batch(cfg, data)).compile().cost_analysis()["bytes accessed"])
+  one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1))
+  return describe(one, compile=True, devices=jax.devices()[:1])["compiled"]["bytes_accessed_per_device"]
 
 
 def measure(cfg, repeats: int) -> dict:

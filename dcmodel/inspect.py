@@ -55,5 +55,6 @@ def describe(cfg: Config, compile: bool = False, devices=None) -> dict:
       out["compiled"] = {
           "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
           "temp_bytes": int(mem.temp_size_in_bytes), "generated_code_bytes": int(mem.generated_code_size_in_bytes),
-          "flops_per_device": float(cost.get("flops", float("nan"))) if cost else float("nan")}
+          "flops_per_device": float(cost.get("flops", float("nan"))) if cost else float("nan"),
+          "bytes_accessed_per_device": float(cost.get("bytes accessed", float("nan"))) if cost else float("nan")}
   return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
@@ -206,6 +205,3 @@ def _select(candidates, window: slice, conds, top, by, ascending) -> np.ndarray:
       kept_rows, kept_keys = kept_rows[order], kept_keys[order]
   return kept_rows
 
-
-def exists(path: str) -> bool:
-  return "://" not in str(path) and Path(path, META).exists()

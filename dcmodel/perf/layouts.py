@@ -174,7 +174,7 @@ def candidate_layouts(chips: int, model_cfg) -> list[Layout]:
   return out
 
 
-def comm_bound_thresholds(chip: Chip, model_cfg, layout: Layout) -> dict[str, float]:
+def comm_bound_thresholds(chip: Chip, model_cfg) -> dict[str, float]:
   """SB training.md:204-373: DP/FSDP need per-device batch tokens above C/W; TP needs
   d_ff > Y x C/W. Returns the thresholds for this chip (one-way link bandwidth, x2 bidirectional)."""
   alpha = chip.bf16_flops / (2 * chip.link_bw)

@@ -37,14 +37,9 @@ def plan(cfg: Config, hardware_name: str, chips: int, chips_per_host: int | None
          "params": acc.params, "flops_per_step": acc.flops_per_step, "tokens_per_step": acc.tokens_per_step,
          "global_batch_size": batch, "best": best["layout"], "memory_per_device_bytes": best["memory_per_device_bytes"],
          "predicted_step_s": best["predicted_step_s"], "mfu": best["mfu"], "bottleneck": best["bottleneck"],
-         "fits": best["fits"], "thresholds": comm_bound_thresholds(chip, cfg.model, _layout(best)), "candidates": rows}
+         "fits": best["fits"], "thresholds": comm_bound_thresholds(chip, cfg.model), "candidates": rows}
   out["placement"] = _place_and_route(acc, best, chip, chips, chips_per_host or (4 if chip.name.startswith("tpu") else 8), cfg)
   return out
-
-
-def _layout(row):
-  from dcmodel.perf.layouts import Layout
-  return Layout(**row["mesh"])
 
 
 def _place_and_route(acc, best: dict, chip, chips: int, per_host: int, cfg: Config) -> dict:
