@@ -1,8 +1,16 @@
 """Soak: the quickstart model for 2,000 steps, checkpointing every 100.
 
 Pass criteria (issue 5): resident memory after warm-up grows < 5% (median RSS over the first
-hundred steps after warm-up vs the last hundred); the median step time of the last hundred
-steps is within 10% of the first hundred (after the compile step).
+hundred steps after warm-up vs the last hundred); step time does not drift by more than 10%
+from the first hundred steps to the last.
+
+Step time per hundred is the median over its ten 10-step blocks of the block's mean step
+(dispatch to dispatch): single intervals say little under async dispatch (here they spread
+2-10 ms around a 7 ms step), and the median leaves out the block that holds the save and, in
+the first hundred, the compile step. On a shared 2-core host these hundreds still move by
++-10% with no checkpointing at all, so the drift is also read from a least-squares line
+through all twenty hundreds (its value at the last hundred over its value at the first);
+both are reported.
 Run: XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.soak [--steps 2000]
 """
 
@@ -50,7 +58,13 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as work:
     result = train(cfg, work, hooks=(record,))
   dt = np.diff(stamps)       # dt[k]: step k+1 to k+2, dispatch to dispatch (the final save/eval excluded)
-  first, last = dt[1:100], dt[-100:]
+  dt[0] = np.nan             # the compile step
+  block = lambda i: np.nanmean(dt[i:i + 10])
+  hundreds = np.array([np.median([block(i) for i in range(lo, min(lo + 100, len(dt)), 10)])
+                       for lo in range(0, len(dt), 100)])
+  centers = np.arange(len(hundreds))
+  slope, intercept = np.polyfit(centers, hundreds, 1)
+  fitted_drift = float((intercept + slope * centers[-1]) / intercept - 1)
   # Growth compares the median RSS of the first hundred steps after warm-up with that of the
   # last hundred (samples every 10 steps), so one sample taken mid-save does not decide it.
   window = lambda lo: float(np.median([v for k, v in rss.items() if lo <= k < lo + 100]))
@@ -61,15 +75,15 @@ def main(argv=None):
       "rss_mib_after_warmup": base / 2**20, "rss_mib_last_100": end / 2**20,
       "rss_growth": end / base - 1, "rss_peak_growth": peak / base - 1,
       "rss_mib_by_step": {k: round(v / 2**20, 1) for k, v in sorted(rss.items()) if k % 100 == 0},
-      "step_ms_median_first_100": 1e3 * float(np.median(first)),
-      "step_ms_median_last_100": 1e3 * float(np.median(last)),
-      "step_ms_p90_first_100": 1e3 * float(np.percentile(first, 90)),
-      "step_ms_p90_last_100": 1e3 * float(np.percentile(last, 90)),
-      "step_time_drift": float(np.median(last) / np.median(first) - 1),
-      "step_ms_median_by_hundred": [round(1e3 * float(np.median(dt[i:i + 100])), 2) for i in range(0, len(dt), 100)],
+      "step_ms_first_100": 1e3 * float(hundreds[0]), "step_ms_last_100": 1e3 * float(hundreds[-1]),
+      "step_time_drift_raw": float(hundreds[-1] / hundreds[0] - 1),
+      "step_time_drift": fitted_drift,
+      "step_ms_by_hundred": [round(1e3 * float(h), 2) for h in hundreds],
+      "step_ms_window_spread": 1e3 * float(np.std(hundreds - (intercept + slope * centers))),
       "wall_s": result.wall_s, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
   }
-  report["pass"] = bool(report["rss_growth"] < 0.05 and abs(report["step_time_drift"]) <= 0.10)
+  report["pass"] = bool(report["rss_growth"] < 0.05 and abs(report["step_time_drift"]) <= 0.10
+                        and abs(report["step_time_drift_raw"]) <= 0.10)
   Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
   print(json.dumps({k: v for k, v in report.items() if k != "rss_mib_by_step"}, indent=2))
   return 0 if report["pass"] else 1
