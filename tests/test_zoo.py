@@ -85,3 +85,30 @@ def test_dlrm_tables_are_split_by_rows(tmp_path):
   table = model.tables[0].get_value()
   assert table.sharding.spec == jax.sharding.PartitionSpec("model", None)
   assert {s.data.shape for s in table.addressable_shards} == {(500, 16)}
+
+
+def test_dropout_is_applied_layout_independent_and_resumes_exactly(tmp_path):
+  drop = ("model.dropout=0.2",)
+  _, plain = _run(tmp_path, "stdlib_gpt", None)
+  ref, ref_losses = _run(tmp_path, "stdlib_gpt", None, *drop)
+  assert np.all(np.abs(ref_losses / plain - 1) > 5e-4)   # masks change every step's loss (> the 1e-4 layout tolerance)
+  # The masks come from (seed, step) and the partitionable threefry, so they do not depend on
+  # how the batch and weights are split.
+  _, losses = _run(tmp_path, "stdlib_gpt", "tp", *drop)                  # data=4 x model=2
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+  # Microbatches draw their own masks.
+  _, accum = _run(tmp_path, "stdlib_gpt", None, *drop, "train.grad_accum_steps=2")
+  assert np.all(np.isfinite(accum)) and not np.allclose(accum, ref_losses, rtol=1e-4)
+  # Nothing random lives in the state, yet a resumed run draws the same masks: bitwise equal.
+  common = (*SMALL["stdlib_gpt"], *drop, "mesh.data=1", "mesh.fsdp=1", "mesh.model=1", "train.log_every=1",
+            "train.final_eval=false", "checkpoint.every_steps=3")
+  straight = train(experiment("stdlib_gpt", *common, "train.steps=6"), tmp_path / "straight", devices=jax.devices()[:1])
+  train(experiment("stdlib_gpt", *common, "train.steps=3"), tmp_path / "resumed", devices=jax.devices()[:1])
+  resumed = train(experiment("stdlib_gpt", *common, "train.steps=6"), tmp_path / "resumed", devices=jax.devices()[:1])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state_lib.params(straight.graphdef, straight.state)),
+               jax.device_get(state_lib.params(resumed.graphdef, resumed.state)))
+
+
+def test_dropout_out_of_range_is_a_user_error():
+  with pytest.raises(UserError, match=r"model.dropout must be in \[0, 1\), got 1.5"):
+    experiment("stdlib_gpt", "model.dropout=1.5").model.validate()

@@ -39,7 +39,7 @@ class TransformerConfig:
   positions: str = "learned"       # learned | rope
   tie_embeddings: bool = True
   use_bias: bool = True
-  dropout: float = 0.0
+  dropout: float = 0.0             # on embeddings and each residual branch, in training only
   dtype: str = "float32"           # compute dtype; parameters and optimizer state stay float32
   remat: str = "none"              # none | block | dots
   name: ClassVar[str]
@@ -64,10 +64,8 @@ class TransformerConfig:
                            ("positions", ("learned", "rope")), ("dtype", tuple(DTYPES)), ("remat", tuple(REMAT))):
       if getattr(self, field) not in allowed:
         raise UserError(f"model.{field}='{getattr(self, field)}' is not one of {', '.join(allowed)}")
-    if self.dropout:
-      # Known gap: NNX's dropout RNG counter cannot be mutated inside the functional
-      # jax.value_and_grad of the train step (TraceContextError); refuse rather than crash.
-      raise UserError(f"model.dropout={self.dropout} is not supported yet; use 0")
+    if not 0.0 <= self.dropout < 1.0:
+      raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
     if self.positions == "rope" and self.head_dim % 2:
       raise UserError(f"rope needs an even head dimension, got d_model/num_heads={self.head_dim}")
 
@@ -196,19 +194,24 @@ class MLP(nnx.Module):
     return y + self.bo[...].astype(dtype) if self.bo is not None else y
 
 
+def _drop(dropout: nnx.Dropout, x, key, site: int):
+  """Dropout keyed by (step key, site): no RNG state in the model, so steps are pure and a
+  resumed run draws the same masks. No key (eval, decoding, accounting): identity."""
+  return x if key is None else dropout(x, rngs=jax.random.fold_in(key, site))
+
+
 class Block(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs):
     self.norm1, self.attn = _norm(cfg, rngs), Attention(cfg, rngs=rngs)
     self.norm2, self.mlp = _norm(cfg, rngs), MLP(cfg, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout else None
+    self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, x, causal, positions, dtype, cache: KVCache | None = None):
-    drop = self.dropout if self.dropout is not None else (lambda y: y)
+  def __call__(self, x, causal, positions, dtype, cache: KVCache | None = None, key=None):
     a = self.attn(self.norm1(x).astype(dtype), causal, positions, dtype, cache)
     if cache is not None:
       a, cache = a
-    x = x + drop(a)
-    x = x + drop(self.mlp(self.norm2(x).astype(dtype), dtype))
+    x = x + _drop(self.dropout, a, key, 0)
+    x = x + _drop(self.dropout, self.mlp(self.norm2(x).astype(dtype), dtype), key, 1)
     x = constrain(x, ("batch", "act_length", "act_embed"))
     return x if cache is None else (x, cache)
 
@@ -224,17 +227,19 @@ class Trunk(nnx.Module):
                 if cfg.positions == "learned" else None)
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = _norm(cfg, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, tokens, causal: bool):
+  def __call__(self, tokens, causal: bool, dropout_key=None):
     cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
     positions = jnp.arange(tokens.shape[1])
-    x = self._embed(tokens, positions, dtype)
+    keys = [None] * (cfg.num_layers + 1) if dropout_key is None else list(jax.random.split(dropout_key, cfg.num_layers + 1))
+    x = _drop(self.dropout, self._embed(tokens, positions, dtype), keys[-1], 0)
     policy = REMAT[cfg.remat]
-    for block in self.blocks:
+    for block, key in zip(self.blocks, keys):
       if cfg.remat != "none":
-        x = nnx.remat(lambda b, y: b(y, causal, positions, dtype), policy=policy)(block, x)
+        x = nnx.remat(lambda b, y, k: b(y, causal, positions, dtype, key=k), policy=policy)(block, x, key)
       else:
-        x = block(x, causal, positions, dtype)
+        x = block(x, causal, positions, dtype, key=key)
     return self.final_norm(x)
 
   def _embed(self, tokens, positions, dtype):
@@ -263,8 +268,8 @@ class GPT(nnx.Module):
     self.unembed = (None if cfg.tie_embeddings else
                     nnx.Param(param_init(("embed", "vocab"))(rngs.params(), (cfg.d_model, cfg.vocab_size))))
 
-  def __call__(self, tokens):
-    return self._logits(self.trunk(tokens, causal=True))
+  def __call__(self, tokens, dropout_key=None):
+    return self._logits(self.trunk(tokens, causal=True, dropout_key=dropout_key))
 
   def decode(self, tokens, caches: list[KVCache]):
     """(logits of the new tokens, updated caches): the KV-cache path of generation."""
@@ -288,6 +293,6 @@ class BERT(nnx.Module):
     self.head = nnx.Linear(cfg.d_model, cfg.num_outputs, rngs=rngs,
                            kernel_init=param_init(("embed", "classes")), bias_init=zeros(("classes",)))
 
-  def __call__(self, tokens):
-    x = self.trunk(tokens, causal=False)
+  def __call__(self, tokens, dropout_key=None):
+    x = self.trunk(tokens, causal=False, dropout_key=dropout_key)
     return self.head(x.mean(axis=1).astype(jnp.float32))

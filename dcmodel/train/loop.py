@@ -127,7 +127,9 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
     inputs = getattr(cfg.model, "inputs", ("x",))
     device_keys = (*inputs, "y", "mask")
     per_call = cfg.train.steps_per_dispatch
-    train_step = make_train_step(graphdef, task_fn, shardings, data_sharding, inputs, cfg.train.grad_accum_steps, per_call)
+    dropout_seed = cfg.train.seed if getattr(cfg.model, "dropout", 0.0) else None
+    train_step = make_train_step(graphdef, task_fn, shardings, data_sharding, inputs, cfg.train.grad_accum_steps, per_call,
+                                 dropout_seed)
     call_sharding = stacked(data_sharding) if per_call > 1 else data_sharding
     eval_step = make_eval_step(graphdef, task_fn, shardings, data_sharding, inputs)
 

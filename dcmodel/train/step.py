@@ -10,39 +10,49 @@ from dcmodel.mesh import replicated
 from dcmodel.train.tasks import PER_EXAMPLE
 
 
-def _grads(model, task_fn, batch, inputs, accum: int):
+def _grads(model, task_fn, batch, inputs, accum: int, key=None):
   """(loss, metric sums, grads w.r.t. the Params); with accum > 1, averaged over `accum`
-  microbatches taken as rows j, j+accum, ... so each device keeps its own rows (no resharding)."""
+  microbatches taken as rows j, j+accum, ... so each device keeps its own rows (no resharding).
+  `key` (dropout) is passed to the model, folded with the microbatch index."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  def loss_fn(p, b):
-    loss, sums = task_fn(nnx.merge(graphdef, p, rest)(*[b[k] for k in inputs]), b)
-    return loss, {k: v for k, v in sums.items() if k not in PER_EXAMPLE}
+  def loss_fn(p, b, k):
+    kw = {} if k is None else {"dropout_key": k}
+    loss, sums = task_fn(nnx.merge(graphdef, p, rest)(*[b[name] for name in inputs], **kw), b)
+    return loss, {name: v for name, v in sums.items() if name not in PER_EXAMPLE}
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  micro_key = lambda j: None if key is None else jax.random.fold_in(key, j)
   if accum == 1:
-    (loss, sums), grads = grad_fn(params, batch)
+    (loss, sums), grads = grad_fn(params, batch, key)
     return loss, sums, grads
   micro = jax.tree.map(lambda v: v.reshape(v.shape[0] // accum, accum, *v.shape[1:]).swapaxes(0, 1), batch)
 
-  def body(carry, b):
-    (l, s), g = grad_fn(params, b)
+  def body(carry, jb):
+    j, b = jb
+    (l, s), g = grad_fn(params, b, micro_key(j))
     return jax.tree.map(jnp.add, carry, (l, s, g)), None
 
-  (l0, s0), g0 = grad_fn(params, jax.tree.map(lambda v: v[0], micro))
-  (loss, sums, grads), _ = jax.lax.scan(body, (l0, s0, g0), jax.tree.map(lambda v: v[1:], micro))
+  (l0, s0), g0 = grad_fn(params, jax.tree.map(lambda v: v[0], micro), micro_key(0))
+  rest_micro = (jnp.arange(1, accum), jax.tree.map(lambda v: v[1:], micro))
+  (loss, sums, grads), _ = jax.lax.scan(body, (l0, s0, g0), rest_micro)
   return loss / accum, sums, jax.tree.map(lambda g: g / accum, grads)
 
 
-def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=("x",), accum: int = 1, steps: int = 1):
+def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=("x",), accum: int = 1, steps: int = 1,
+                    dropout_seed: int | None = None):
   """The jitted step. With steps > 1 it takes `steps` batches stacked on a leading axis and runs
   them in order inside one call (lax.scan), returning the summed metrics: the same updates as
-  `steps` separate calls, without the per-call host work."""
+  `steps` separate calls, without the per-call host work. With a `dropout_seed`, the model gets
+  a dropout key derived from (seed, optimizer step): nothing random is stored, so a resumed run
+  draws the same masks, and the masks do not depend on the layout."""
   def train_step(state, batch):
     old_leaves = jax.tree.leaves(state)  # before merge: the update mutates the merged Variables
     model, opt = nnx.merge(graphdef, state)
     model.train()
-    loss, sums, grads = _grads(model, task_fn, batch, inputs, accum)
+    # split: a stream apart from the fold_in(key(seed), i) keys that initialised the parameters
+    key = None if dropout_seed is None else jax.random.fold_in(jax.random.split(jax.random.key(dropout_seed))[1], opt.step[...])
+    loss, sums, grads = _grads(model, task_fn, batch, inputs, accum, key)
     opt.update(model, grads)
     # A non-finite loss or gradient leaves the state as it was; the loop counts and reports it.
     finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
