@@ -7,6 +7,7 @@ from flax import nnx
 
 from conftest import experiment
 from dcmodel.errors import UserError
+from dcmodel.mesh import build_mesh, rules_for
 from dcmodel.train import state as state_lib
 from dcmodel.train.loop import train
 from dcmodel.train.metrics import read
@@ -112,3 +113,58 @@ def test_dropout_is_applied_layout_independent_and_resumes_exactly(tmp_path):
 def test_dropout_out_of_range_is_a_user_error():
   with pytest.raises(UserError, match=r"model.dropout must be in \[0, 1\), got 1.5"):
     experiment("stdlib_gpt", "model.dropout=1.5").model.validate()
+
+
+def _matmul_input_dtypes(jaxpr) -> set:
+  """dtypes entering every dot_general / conv in a jaxpr, nested scans and jits included."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+      found |= {str(v.aval.dtype) for v in eqn.invars}
+    for sub in jax.core.subjaxprs(eqn.params) if hasattr(jax.core, "subjaxprs") else ():
+      found |= _matmul_input_dtypes(sub)
+    for p in eqn.params.values():
+      inner = getattr(p, "jaxpr", None)
+      if inner is not None and hasattr(inner, "eqns"):
+        found |= _matmul_input_dtypes(inner)
+      elif hasattr(p, "eqns"):
+        found |= _matmul_input_dtypes(p)
+  return found
+
+
+def _inputs(model_cfg, batch=4):
+  rng = np.random.default_rng(0)
+  shape = (batch, *model_cfg.input_shape())
+  if hasattr(model_cfg, "vocab_size"):
+    x = rng.integers(0, model_cfg.vocab_size, shape, dtype=np.int32)
+  else:
+    x = rng.normal(size=shape).astype(np.float32)
+  if getattr(model_cfg, "inputs", ("x",)) == ("x", "cat"):
+    return x, np.stack([rng.integers(0, n, batch) for n in model_cfg.table_sizes], 1).astype(np.int32)
+  return (x,)
+
+
+@pytest.mark.parametrize("name", sorted({*SMALL, "digits_cnn", "digits_mlp"}))
+def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_parameters(name):
+  outs = {}
+  for dtype in ("float32", "bfloat16"):
+    cfg = experiment(name, *SMALL.get(name, ()), f"model.dtype={dtype}", "mesh.data=1", "mesh.fsdp=1", "mesh.model=1")
+    mesh = build_mesh(cfg.mesh, jax.devices()[:1])
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
+      model, opt = state_lib.make_model_and_optimizer(cfg)
+      graphdef, state = nnx.split(model)
+      args = _inputs(cfg.model)
+      forward = lambda s, *a: nnx.merge(graphdef, s)(*a)
+      assert _matmul_input_dtypes(jax.make_jaxpr(forward)(state, *args).jaxpr) == {dtype}
+      outs[dtype] = np.asarray(jax.jit(forward)(state, *args))
+    assert {str(v.dtype) for v in jax.tree.leaves(state)} == {"float32"}        # parameters stay float32
+    moments = jax.tree.leaves(nnx.state(opt, nnx.OptState))
+    assert {str(v.dtype) for v in moments if v.ndim} == {"float32"}             # so does the optimizer state
+  assert outs["bfloat16"].dtype == np.float32                                  # logits back in float32
+  err = np.linalg.norm(outs["bfloat16"] - outs["float32"]) / np.linalg.norm(outs["float32"])
+  assert 0 < err < 3e-2, err
+
+
+def test_unknown_compute_dtype_is_a_user_error():
+  with pytest.raises(UserError, match="model.dtype='float16' is not one of float32, bfloat16"):
+    experiment("digits_cnn", "model.dtype=float16").model.validate()

@@ -11,10 +11,11 @@ import math
 from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from dcmodel.errors import UserError
-from dcmodel.models.layers import dense, param_init, zeros
+from dcmodel.models.layers import compute_dtype, dense, param_init, zeros
 from dcmodel.models.registry import register
 
 
@@ -27,9 +28,11 @@ class CNNConfig:
   kernel_size: int = 3
   num_outputs: int = 10
   task: str = "classification"
+  dtype: str = "float32"         # compute dtype (bfloat16: mixed precision)
   name: ClassVar[str]
 
   def validate(self):
+    compute_dtype(self.dtype)
     if any(f <= 0 for f in self.features) or self.num_outputs <= 0 or self.kernel_size <= 0:
       raise UserError(f"model sizes must be positive: features={self.features}, kernel_size={self.kernel_size}, num_outputs={self.num_outputs}")
     if any(s % 2 ** len(self.features) for s in self.image_size):
@@ -47,16 +50,16 @@ class CNN(nnx.Module):
     chans = (cfg.channels, *cfg.features)
     k = (cfg.kernel_size, cfg.kernel_size)
     self.convs = nnx.List([
-        nnx.Conv(a, b, k, padding="SAME", rngs=rngs,
+        nnx.Conv(a, b, k, padding="SAME", rngs=rngs, dtype=compute_dtype(cfg.dtype),
                  kernel_init=param_init((None, None, "conv_in" if i else None, "conv_out")),
                  bias_init=zeros(("conv_out",)))
         for i, (a, b) in enumerate(zip(chans[:-1], chans[1:]))])
     pooled = math.prod(s // 2 ** len(cfg.features) for s in cfg.image_size)
-    self.head = dense(pooled * chans[-1], cfg.num_outputs, ("embed", "classes"), rngs=rngs)
+    self.head = dense(pooled * chans[-1], cfg.num_outputs, ("embed", "classes"), rngs=rngs, dtype=compute_dtype(cfg.dtype))
     self.image_shape = (*cfg.image_size, cfg.channels)
 
   def __call__(self, x):
     x = x.reshape(x.shape[0], *self.image_shape)
     for conv in self.convs:
       x = nnx.max_pool(jax.nn.relu(conv(x)), (2, 2), strides=(2, 2))
-    return self.head(x.reshape(x.shape[0], -1))
+    return self.head(x.reshape(x.shape[0], -1)).astype(jnp.float32)

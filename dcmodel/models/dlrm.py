@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from dcmodel.errors import UserError
-from dcmodel.models.layers import dense, param_init
+from dcmodel.models.layers import compute_dtype, dense, param_init
 from dcmodel.models.registry import register
 
 
@@ -29,10 +29,12 @@ class DLRMConfig:
   bottom: tuple[int, ...] = (64, 16)
   top: tuple[int, ...] = (64, 32)
   task: str = "binary"
+  dtype: str = "float32"           # compute dtype (bfloat16: mixed precision)
   inputs: ClassVar[tuple[str, ...]] = ("x", "cat")
   name: ClassVar[str]
 
   def validate(self):
+    compute_dtype(self.dtype)
     if self.bottom[-1] != self.embed_dim:
       raise UserError(f"model.bottom must end in model.embed_dim={self.embed_dim} (dot interactions), got {self.bottom}")
     if min((*self.table_sizes, *self.bottom, *self.top, self.embed_dim, self.num_dense)) <= 0:
@@ -45,8 +47,8 @@ class DLRMConfig:
     return DLRM(self, rngs=rngs)
 
 
-def _mlp(dims, rngs):
-  return nnx.List([dense(a, b, (None, "mlp") if i % 2 == 0 else ("mlp", None), rngs=rngs)
+def _mlp(dims, rngs, dtype):
+  return nnx.List([dense(a, b, (None, "mlp") if i % 2 == 0 else ("mlp", None), rngs=rngs, dtype=dtype)
                    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))])
 
 
@@ -54,18 +56,20 @@ class DLRM(nnx.Module):
   def __init__(self, cfg: DLRMConfig, *, rngs):
     self.tables = nnx.List([nnx.Param(param_init(("table_rows", "table_dim"), nnx.initializers.normal(0.05))(
         rngs.params(), (n, cfg.embed_dim))) for n in cfg.table_sizes])
-    self.bottom = _mlp((cfg.num_dense, *cfg.bottom), rngs)
+    self.dtype = dtype = compute_dtype(cfg.dtype)
+    self.bottom = _mlp((cfg.num_dense, *cfg.bottom), rngs, dtype)
     f = len(cfg.table_sizes) + 1
     self.pairs = tuple(tuple(int(i) for i in a) for a in np.triu_indices(f, 1))   # static, hashable
-    self.top = _mlp((cfg.embed_dim + f * (f - 1) // 2, *cfg.top), rngs)
-    self.out = dense(cfg.top[-1], 1, (None, None), rngs=rngs)
+    self.top = _mlp((cfg.embed_dim + f * (f - 1) // 2, *cfg.top), rngs, dtype)
+    self.out = dense(cfg.top[-1], 1, (None, None), rngs=rngs, dtype=dtype)
 
   def __call__(self, x, cat):
     for i, layer in enumerate(self.bottom):
       x = jax.nn.relu(layer(x))
-    vectors = jnp.stack([x] + [t[...][cat[:, i]] for i, t in enumerate(self.tables)], axis=1)   # (B, F, D)
+    rows = [t[...][cat[:, i]].astype(self.dtype) for i, t in enumerate(self.tables)]
+    vectors = jnp.stack([x] + rows, axis=1)                                                       # (B, F, D)
     dots = jnp.einsum("bfd,bgd->bfg", vectors, vectors)[:, np.array(self.pairs[0]), np.array(self.pairs[1])]
     z = jnp.concatenate([x, dots], axis=1)
     for layer in self.top:
       z = jax.nn.relu(layer(z))
-    return self.out(z)[:, 0]
+    return self.out(z)[:, 0].astype(jnp.float32)

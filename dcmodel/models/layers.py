@@ -1,6 +1,19 @@
-"""Small shared pieces: initializers that carry logical-axis annotations."""
+"""Small shared pieces: initializers that carry logical-axis annotations, compute dtypes."""
 
+import jax.numpy as jnp
 from flax import nnx
+
+from dcmodel.errors import UserError
+
+# Compute dtypes by config name. Parameters and optimizer state stay float32 whatever is chosen
+# (mixed precision); logits go back to float32 before the loss.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  if name not in DTYPES:
+    raise UserError(f"model.dtype='{name}' is not one of {', '.join(DTYPES)}")
+  return DTYPES[name]
 
 
 def param_init(axes: tuple, init=None):

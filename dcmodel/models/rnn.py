@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dcmodel.errors import UserError
-from dcmodel.models.layers import dense, param_init
+from dcmodel.models.layers import compute_dtype, dense, param_init
 from dcmodel.models.registry import register
 
 
@@ -27,9 +27,11 @@ class GRUConfig:
   num_outputs: int = 10
   unroll: int = 1                  # time steps per loop iteration (seq_len: no loop at all)
   task: str = "classification"
+  dtype: str = "float32"           # compute dtype (bfloat16: mixed precision)
   name: ClassVar[str]
 
   def validate(self):
+    compute_dtype(self.dtype)
     for f in ("vocab_size", "seq_len", "embed_dim", "hidden", "num_outputs", "unroll"):
       if getattr(self, f) <= 0:
         raise UserError(f"model.{f} must be positive, got {getattr(self, f)}")
@@ -43,11 +45,12 @@ class GRUConfig:
 
 class GRU(nnx.Module):
   def __init__(self, cfg: GRUConfig, *, rngs):
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs,
+    dtype = compute_dtype(cfg.dtype)
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs, dtype=dtype,
                            embedding_init=param_init(("vocab", "embed"), nnx.initializers.normal(0.1)))
-    self.cell = nnx.GRUCell(cfg.embed_dim, cfg.hidden, rngs=rngs,
+    self.cell = nnx.GRUCell(cfg.embed_dim, cfg.hidden, rngs=rngs, dtype=dtype,
                             kernel_init=param_init(("embed", "mlp")), recurrent_kernel_init=param_init((None, "mlp"), nnx.initializers.orthogonal()))
-    self.head = dense(cfg.hidden, cfg.num_outputs, (None, "classes"), rngs=rngs)
+    self.head = dense(cfg.hidden, cfg.num_outputs, (None, "classes"), rngs=rngs, dtype=dtype)
     self.hidden, self.unroll = cfg.hidden, cfg.unroll
 
   def __call__(self, tokens):
@@ -59,4 +62,4 @@ class GRU(nnx.Module):
       h, _ = cell(h, xt)
       return h
 
-    return self.head(step(h0, self.cell, x))
+    return self.head(step(h0, self.cell, x)).astype(jnp.float32)

@@ -17,10 +17,9 @@ from flax import nnx
 
 from dcmodel.errors import UserError
 from dcmodel.mesh import constrain
-from dcmodel.models.layers import param_init, zeros
+from dcmodel.models.layers import DTYPES, param_init, zeros
 from dcmodel.models.registry import register
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
@@ -282,7 +281,8 @@ class GPT(nnx.Module):
 
   def _logits(self, x):
     w = self.trunk.embed.embedding[...].T if self.unembed is None else self.unembed[...]
-    return constrain((x @ w.astype(x.dtype)).astype(jnp.float32), ("batch", "act_length", "act_vocab"))
+    dtype = DTYPES[self.trunk.cfg.dtype]
+    return constrain((x.astype(dtype) @ w.astype(dtype)).astype(jnp.float32), ("batch", "act_length", "act_vocab"))
 
 
 class BERT(nnx.Module):
@@ -290,9 +290,9 @@ class BERT(nnx.Module):
 
   def __init__(self, cfg: BERTConfig, *, rngs):
     self.trunk = Trunk(cfg, rngs=rngs)
-    self.head = nnx.Linear(cfg.d_model, cfg.num_outputs, rngs=rngs,
+    self.head = nnx.Linear(cfg.d_model, cfg.num_outputs, rngs=rngs, dtype=DTYPES[cfg.dtype],
                            kernel_init=param_init(("embed", "classes")), bias_init=zeros(("classes",)))
 
   def __call__(self, tokens, dropout_key=None):
     x = self.trunk(tokens, causal=False, dropout_key=dropout_key)
-    return self.head(x.mean(axis=1).astype(jnp.float32))
+    return self.head(x.mean(axis=1, dtype=jnp.float32)).astype(jnp.float32)
