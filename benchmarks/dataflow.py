@@ -64,7 +64,7 @@ def input_rates(name: str, threads: list[int], batches: int) -> list[dict]:
   rows = []
   for n in threads:
     it = pipeline.train_iterator(prep.splits["train"], src.feature, prep.normalizer, cfg.data.global_batch_size,
-                                 cfg.data.shuffle_seed, read_threads=n, prefetch=4 if n else 0)
+                                 cfg.data.shuffle_seed, read_threads=n, prefetch=4 if n else 0, transforms=prep.transforms)
     for _ in range(5):
       host = next(it)
     t = time.perf_counter()

@@ -326,4 +326,10 @@ def saved_model(workdir: Path) -> dict | None:
 
 
 def same_model(cfg: Config, saved: dict) -> bool:
-  return saved == json.loads(json.dumps(to_dict(cfg)["model"], default=list))
+  now = json.loads(json.dumps(to_dict(cfg)["model"], default=list))
+  # A field added to the model config after the checkpoint was written (e.g. dtype) counts as
+  # unchanged while it keeps its default.
+  defaults = {f.name: f.default for f in dataclasses.fields(cfg.model) if f.default is not dataclasses.MISSING}
+  added = {k: v for k, v in now.items() if k not in saved}
+  return ({k: v for k, v in now.items() if k in saved} == saved
+          and all(k in defaults and json.loads(json.dumps(defaults[k], default=list)) == v for k, v in added.items()))

@@ -57,6 +57,8 @@ def cases(tmp_path):
   mlp_data = lambda path: ["--set", "data.source=npz", "--set", f"data.options={{'path': '{path}'}}",
                            "--set", "data.global_batch_size=8", "--set", "data.eval_batch_size=8"]
   mlp = str(EXPERIMENTS / "digits_mlp.py")
+  dlrm = str(EXPERIMENTS / "clicks_dlrm.py")
+  small_clicks = ["--set", "data.options={'rows': 2000}", "--set", "data.global_batch_size=64", "--set", "data.eval_batch_size=64"]
   return [
       ("malformed experiment file", [exp("def get_config(:\n")], "is not valid Python: line 1"),
       ("missing experiment file", [str(tmp_path / "nope.py")], "experiment file not found"),
@@ -98,6 +100,15 @@ def cases(tmp_path):
                                   f"data.options={{'path': '{write(tmp_path, 'd.csv', b'a,label' + bytes([10, 0xff, 0xfe]) + b',1')}'}}"],
        "is not valid UTF-8 text"),
       ("workdir of a different model", [mlp], "holds checkpoints of a different model (cnn"),
+      ("embedding tables smaller than the ids", [dlrm, *small_clicks, "--set", "model.table_sizes=(100, 500, 200, 100)"],
+       "ids up to (99"),  # Zipf ids reach the cap of each planted table: 999 > 100 rows
+      ("hashed ids into tables of another size", [dlrm, *small_clicks, "--set",
+                                                  "data.options={'rows': 2000, 'hash_buckets': (4000, 64, 64, 64)}"],
+       "but model.table_sizes=(1000, 500, 200, 100)"),
+      ("hash buckets for too few tables", [dlrm, *small_clicks, "--set", "data.options={'rows': 2000, 'hash_buckets': (64,)}"],
+       "must give a positive bucket count for each of the 4 tables"),
+      ("dropout out of range", [str(EXPERIMENTS / "stdlib_gpt.py"), "--set", "model.dropout=1.0"], "model.dropout must be in [0, 1)"),
+      ("unknown compute dtype", [CNN, "--set", "model.dtype=float16"], "model.dtype='float16' is not one of float32, bfloat16"),
   ]
 
 

@@ -70,3 +70,13 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, message):
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("dcmodel: error: ") and message in lines[0], r.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_model_field_added_later_keeps_old_workdirs_resumable():
+  from conftest import experiment
+  from dcmodel.config import same_model, to_dict
+  cfg = experiment("digits_cnn")
+  saved = {k: v for k, v in json.loads(json.dumps(to_dict(cfg)["model"], default=list)).items() if k != "dtype"}
+  assert same_model(cfg, saved)                                             # written before `dtype` existed
+  assert not same_model(experiment("digits_cnn", "model.dtype=bfloat16"), saved)
+  assert not same_model(experiment("digits_cnn", "model.features=(16, 64)"), saved)

@@ -75,3 +75,24 @@ def test_to_device_shards_over_batch_axes():
   mesh = build_mesh(MeshConfig(data=4, model=2))
   arr = pipeline.to_device({"x": np.zeros((8, 3), np.float32)}, batch_sharding(mesh))["x"]
   assert arr.shape == (8, 3) and {s.data.shape for s in arr.addressable_shards} == {(2, 3)}
+
+
+def test_feature_hashing_is_a_grain_stage_of_the_pipeline():
+  from sklearn.utils import murmurhash3_32
+  from conftest import experiment
+  buckets = (64, 32, 16, 8)
+  cfg = experiment("clicks_dlrm", "data.options={'rows': 3000, 'hash_buckets': (64, 32, 16, 8)}")
+  src = sources.load(cfg.data)
+  prep = preprocess.prepare(src)
+  raw = prep.splits["train"]["cat"]
+  assert raw.max() > 10_000                                     # the log holds raw ids, not table rows
+  it = pipeline.train_iterator(prep.splits["train"], "x", prep.normalizer, 32, seed=0, transforms=prep.transforms)
+  batch = next(it)
+  where = {int(i): k for k, i in enumerate(prep.splits["train"]["id"])}
+  rows = np.array([where[int(i)] for i in batch["id"]])
+  for t, n in enumerate(buckets):
+    want = np.array([murmurhash3_32(int(v), seed=t, positive=True) % n for v in raw[rows, t]])
+    np.testing.assert_array_equal(batch["cat"][:, t], want)
+    assert batch["cat"][:, t].max() < n
+  ev = pipeline.eval_batches(prep.splits["test"], "x", prep.normalizer, 64, prep.transforms)[0]
+  assert np.all(ev["cat"].max(0) < np.array(buckets)) and ev["cat"].dtype == np.int32

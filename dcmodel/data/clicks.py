@@ -1,7 +1,8 @@
 """A synthetic click log drawn from a planted model, so the best achievable AUC is known.
 
 Each row has `num_dense` Gaussian features and one categorical id per table (Zipf-like
-popularity). The planted click probability is sigmoid(bias + w . dense + sum_t a_t[c_t] +
+popularity). With `hash_buckets`, the log holds raw ids (distinct random int32 per category, as
+a real log's user and item ids) and the Grain pipeline hashes them into that many rows per table. The planted click probability is sigmoid(bias + w . dense + sum_t a_t[c_t] +
 sum_{s<t} <u_s[c_s], u_t[c_t]>): per-id effects plus pairwise latent interactions, the
 structure DLRM is built to learn. `bayes_auc` is the AUC of the true probabilities on the test
 split: no model can do better in expectation.
@@ -13,6 +14,7 @@ import numpy as np
 
 from dcmodel.config import DataConfig
 from dcmodel.data.sources import Source, register, split_rows
+from dcmodel.errors import UserError
 
 
 def planted_clicks(rows: int, num_dense: int, table_sizes: tuple[int, ...], latent: int, seed: int):
@@ -39,9 +41,19 @@ def clicks(cfg: DataConfig) -> Source:
                                      int(o.get("latent", 4)), int(o.get("seed", cfg.split_seed)))
   train, test = split_rows(len(y), None, cfg.test_fraction, cfg.split_seed)
   ids = np.arange(len(y), dtype=np.int64)
+  transforms = ()
+  if o.get("hash_buckets"):
+    from dcmodel.data.pipeline import HashBuckets
+    rng = np.random.default_rng([int(o.get("seed", cfg.split_seed)), 1])
+    raw = [rng.choice(2**31 - 1, n, replace=False).astype(np.int32) for n in sizes]   # category -> raw id
+    cats = np.stack([raw[t][cats[:, t]] for t in range(len(sizes))], 1)
+    buckets = tuple(int(b) for b in o["hash_buckets"])
+    if len(buckets) != len(sizes) or min(buckets) <= 0:
+      raise UserError(f"data.options['hash_buckets']={buckets} must give a positive bucket count for each of the {len(sizes)} tables")
+    transforms = (HashBuckets("cat", buckets),)
   cols = lambda r: {"id": ids[r], "x": dense[r], "cat": cats[r], "y": y[r]}
   from sklearn.metrics import roc_auc_score
-  return Source("clicks", {"train": cols(train), "test": cols(test)}, num_classes=2,
+  return Source("clicks", {"train": cols(train), "test": cols(test)}, num_classes=2, transforms=transforms,
                 info={"bayes_auc": float(roc_auc_score(y[test], p[test]))})
 
 

@@ -1,4 +1,5 @@
-"""The Grain pipeline: shuffle -> this process's share -> batch -> gather + normalize -> devices.
+"""The Grain pipeline: shuffle -> this process's share -> batch -> gather + normalize ->
+the source's transforms (e.g. feature hashing) -> devices.
 
 Every global batch holds the same examples whatever the process count: the shuffled stream
 is global (same seed everywhere) and process p takes every P-th row of each global batch, so
@@ -66,23 +67,45 @@ class GlobalBatchRows(grain.transforms.Map):
 ENDLESS = 2 ** 50   # steps; a random-access dataset needs a length
 
 
+class HashBuckets(grain.transforms.Map):
+  """Feature hashing: raw categorical ids (any int32 values: user ids, item ids) -> a bucket in
+  each table, murmurhash3 (scikit-learn's) seeded per column, so a table of n rows serves ids
+  from an unbounded space; different ids may share a bucket (collisions)."""
+
+  def __init__(self, feature: str, buckets: tuple[int, ...], seed: int = 0):
+    self.feature, self.buckets, self.seed = feature, tuple(buckets), seed
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from sklearn.utils import murmurhash3_32
+    raw = np.ascontiguousarray(batch[self.feature], np.int32)
+    cols = [murmurhash3_32(np.ascontiguousarray(raw[:, t]), seed=self.seed + t, positive=True) % n
+            for t, n in enumerate(self.buckets)]
+    return {**batch, self.feature: np.stack(cols, 1).astype(np.int32)}
+
+
+def _then(ds, transforms):
+  for t in transforms:
+    ds = ds.map(t)
+  return ds
+
+
 def train_iterator(cols: Columns, feature: str, normalizer, global_batch_size: int, seed: int,
-                   read_threads: int = 1, prefetch: int = 4) -> grain.DatasetIterator:
+                   read_threads: int = 1, prefetch: int = 4, transforms=()) -> grain.DatasetIterator:
   """An endless, per-epoch reshuffled iterator of this process's part of each global batch."""
   p, count = jax.process_index(), jax.process_count()
   ds = grain.MapDataset.range(ENDLESS).map(GlobalBatchRows(num_rows(cols), global_batch_size, seed, p, count))
-  ds = ds.map(Gather(cols, feature, normalizer))
+  ds = _then(ds.map(Gather(cols, feature, normalizer)), transforms)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)))
 
 
-def eval_batches(cols: Columns, feature: str, normalizer, global_batch_size: int):
+def eval_batches(cols: Columns, feature: str, normalizer, global_batch_size: int, transforms=()):
   """One pass over a split in order, the last global batch padded (mask 0) to full size."""
   p, count = jax.process_index(), jax.process_count()
   n = num_rows(cols)
   padded = -(-n // global_batch_size) * global_batch_size
   idx = np.concatenate([np.arange(n), -np.ones(padded - n, np.int64)])
   ds = grain.MapDataset.source(idx)[p::count].batch(global_batch_size // count).map(Gather(cols, feature, normalizer))
-  return ds
+  return _then(ds, transforms)
 
 
 def to_device(batch: dict[str, np.ndarray], sharding, keys=None) -> dict[str, jax.Array]:

@@ -59,6 +59,7 @@ class Prepared:
   normalizer: Normalizer | None
   reports: dict[str, CleanReport]
   num_classes: int | None
+  transforms: tuple = ()   # the source's Grain maps, run after gather + normalize
 
 
 def prepare(source: Source, normalize: bool = True) -> Prepared:
@@ -76,4 +77,4 @@ def prepare(source: Source, normalize: bool = True) -> Prepared:
   else:
     normalizer = (Normalizer.fit(splits["train"][source.feature], per_feature=source.normalize == "per_feature")
                   if normalize and source.normalize else None)
-  return Prepared(splits, normalizer, reports, source.num_classes)
+  return Prepared(splits, normalizer, reports, source.num_classes, source.transforms)

@@ -28,6 +28,7 @@ class Source:
   normalize: str | None = "per_feature"   # per_feature | global | None
   info: dict = dataclasses.field(default_factory=dict)   # e.g. bayes_auc of a planted source
   normalizer: object = None                               # pre-fitted (an ingested data set's manifest)
+  transforms: tuple = ()              # Grain maps run on every gathered batch (e.g. feature hashing)
 
 
 def num_rows(split) -> int:
@@ -158,6 +159,16 @@ def check_fits_model(source: Source, prepared, model_cfg) -> None:
     have = tuple(x.shape[1:])
     if int(np.prod(have)) != int(np.prod(want)):
       raise UserError(f"data '{source.name}' has examples of shape {have}, but model '{model_cfg.name}' expects {want}")
+  tables = getattr(model_cfg, "table_sizes", None)
+  if tables is not None:   # embedding lookups clamp out-of-range ids silently, so check them here
+    sample = take(prepared.splits["train"], np.arange(min(num_rows(prepared.splits["train"]), 4096)))
+    for t in source.transforms:
+      sample = t.map(sample)
+    cat = sample["cat"]
+    if cat.shape[1] != len(tables) or (cat < 0).any() or (cat.max(0) >= np.asarray(tables)).any():
+      raise UserError(f"data '{source.name}' has {cat.shape[1]} categorical columns with ids up to "
+                      f"{tuple(int(v) for v in cat.max(0))}, but model.table_sizes={tuple(tables)}; "
+                      f"each table needs more rows than its largest id")
   if "y" in take(prepared.splits["train"], np.arange(1)) and getattr(model_cfg, "task", None) in ("classification", "binary"):
     n = model_cfg.num_outputs if model_cfg.task == "classification" else 2
     for split, cols in prepared.splits.items():

@@ -51,7 +51,7 @@ def predict(cfg: Config, workdir, out: str, split: str = "test", step: int | Non
   batch = batch_size or cfg.data.eval_batch_size
   check_batch(batch, trained.mesh, "--batch-size")
   cols = prepared.splits[split]
-  batches = pipeline.eval_batches(cols, source.feature, prepared.normalizer, batch)
+  batches = pipeline.eval_batches(cols, source.feature, prepared.normalizer, batch, prepared.transforms)
   n = sources.num_rows(cols)
   if n == 0:
     raise UserError(f"split '{split}' is empty after cleaning")

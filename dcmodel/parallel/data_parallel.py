@@ -74,7 +74,7 @@ def train(cfg: Config, compression: str = "none", devices=None, steps: int | Non
     residual = jax.tree.map(lambda p: jnp.zeros((n, *p.shape), p.dtype, device=data_sharding), params)
     step = make_step(graphdef, task_fn, mesh, compression, inputs)
     it = pipeline.train_iterator(prepared.splits["train"], source.feature, prepared.normalizer,
-                                 cfg.data.global_batch_size, cfg.data.shuffle_seed)
+                                 cfg.data.global_batch_size, cfg.data.shuffle_seed, transforms=prepared.transforms)
     losses = []
     for _ in range(steps):
       state, residual, sums = step(state, residual, pipeline.to_device(next(it), data_sharding))

@@ -51,7 +51,7 @@ def _check_workdir(cfg: Config, workdir: Path) -> None:
 
 def evaluate(eval_step, state, prepared, feature: str, global_batch_size: int, sharding, task: str,
              split: str = "test") -> dict:
-  ds = pipeline.eval_batches(prepared.splits[split], feature, prepared.normalizer, global_batch_size)
+  ds = pipeline.eval_batches(prepared.splits[split], feature, prepared.normalizer, global_batch_size, prepared.transforms)
   outs = jax.device_get([eval_step(state, pipeline.to_device(ds[i], sharding)) for i in range(len(ds))])
   total = {k: float(np.sum([o[k] for o in outs])) for k in outs[0] if k not in tasks.PER_EXAMPLE}
   metrics = tasks.summarize(total, task)
@@ -116,7 +116,7 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
   data_sharding = batch_sharding(mesh)
   it = pipeline.train_iterator(prepared.splits["train"], source.feature, prepared.normalizer,
                                cfg.data.global_batch_size, cfg.data.shuffle_seed,
-                               cfg.data.read_threads, cfg.data.prefetch)
+                               cfg.data.read_threads, cfg.data.prefetch, prepared.transforms)
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     # --- State: the newest good checkpoint restored into its shardings, or created sharded.
