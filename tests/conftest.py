@@ -4,6 +4,18 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache, fresh for each test session (made by the controller,
+# inherited by xdist workers and by the `dcmodel` subprocesses tests start): many tests compile
+# the same small programs again (every kill/relaunch, every restore), and a warm compile takes
+# ~2.5 s instead of ~10 s here. Nothing survives the session, so a clean machine's time is honest.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix="dcmodel-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  atexit.register(shutil.rmtree, _cache, True)
 
 from pathlib import Path  # noqa: E402
 
