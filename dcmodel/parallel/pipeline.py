@@ -35,8 +35,11 @@ def run(stage_fn, mesh, stage_params, xs):
       fresh = xs[jnp.minimum(t, num_micro - 1)]
       y = stage_fn(params, jnp.where(me == 0, fresh, held))
       done = t - (stages - 1)                                      # microbatch leaving the last stage
-      outs = jnp.where((me == stages - 1) & (done >= 0),
-                       outs.at[jnp.maximum(done, 0)].set(y), outs)
+      # Write one slot in place: a select over the whole (M, ...) buffer would make every
+      # tick cost O(M) and the bubble unmeasurable.
+      slot = jnp.clip(done, 0, num_micro - 1)
+      keep = (me == stages - 1) & (done >= 0)
+      outs = jax.lax.dynamic_update_index_in_dim(outs, jnp.where(keep, y, outs[slot]), slot, 0)
       return (jax.lax.ppermute(y, "stage", forward), outs), None
 
     init = (jnp.zeros_like(xs[0]), jnp.zeros_like(xs))
