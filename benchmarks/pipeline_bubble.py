@@ -1,10 +1,12 @@
 """Pipeline bubble, measured: 4 stages, 4/8/16 microbatches, against (p-1)/(m+p-1).
 
 The pipelined step (forward + backward, GPipe schedule) takes one tick per microbatch plus
-p - 1 fill/drain ticks. One tick's time is calibrated on a separate run with 64 microbatches
-(disjoint from the scored points); the measured bubble is 1 - m * tick / T(m).
-On simulated CPU devices the 4 stages share 2 cores, so a tick's cost is not constant in m and
-this measurement is rough; on real devices each stage has its own chip.
+p - 1 fill/drain ticks: T(m) = (m + p - 1) * tick + fixed. The tick is calibrated as the slope
+of T between m = 24 and m = 32 (disjoint from the scored points; the slope cancels the fixed
+cost), and the measured bubble is 1 - m * tick / T(m). Every round times each m once, in
+turn, so the shared host's load drifts over all of them alike; medians over the rounds.
+On simulated CPU devices the 4 stages share 2 cores, so a tick is the time all four take
+together; the fraction of ticks that carry no microbatch is what is measured.
 Run: python -m benchmarks.pipeline_bubble
 """
 
@@ -18,13 +20,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import time_fn, write  # noqa: E402
+import statistics  # noqa: E402
+
+from benchmarks.common import write  # noqa: E402
+from dcmodel.perf.calibrate import timed_calls  # noqa: E402
 from dcmodel.config import MeshConfig  # noqa: E402
 from dcmodel.mesh import build_mesh  # noqa: E402
 from dcmodel.parallel import pipeline  # noqa: E402
 from dcmodel.perf.pipeline import bubble_fraction  # noqa: E402
 
-STAGES, WIDTH, LAYERS_PER_STAGE, MICRO = 4, 256, 2, 32
+STAGES, WIDTH, LAYERS_PER_STAGE, MICRO, ROUNDS = 4, 512, 2, 64, 15
 
 
 def layers(params, x):
@@ -40,11 +45,19 @@ def step_fn(mesh, m):
 def main():
   mesh = build_mesh(MeshConfig(data=1, stage=STAGES), jax.devices()[:STAGES])
   params = {"w": jax.random.normal(jax.random.key(0), (STAGES, LAYERS_PER_STAGE, WIDTH, WIDTH)) / np.sqrt(WIDTH)}
-  timings = {}
-  for m in (64, 4, 8, 16):
+  calls = {}
+  for m in (4, 8, 16, 24, 32):
     xs = jax.random.normal(jax.random.key(m), (m, MICRO, WIDTH))
-    timings[m] = time_fn(step_fn(mesh, m), params, xs, repeats=9)
-  tick = timings[64]["median_s"] / (64 + STAGES - 1)          # calibration, not scored
+    f = step_fn(mesh, m)
+    timed_calls(f, params, xs, repeats=1, warmup=2)                      # compile + warm-up
+    calls[m] = (f, xs)
+  rounds = {m: [] for m in calls}
+  for _ in range(ROUNDS):
+    for m, (f, xs) in calls.items():
+      rounds[m] += timed_calls(f, params, xs, repeats=1, warmup=0)
+  timings = {m: {"median_s": statistics.median(t), "spread": (max(t) - min(t)) / statistics.median(t)}
+             for m, t in rounds.items()}
+  tick = (timings[32]["median_s"] - timings[24]["median_s"]) / 8       # calibration, not scored
   rows = []
   for m in (4, 8, 16):
     measured = 1 - m * tick / timings[m]["median_s"]
@@ -52,8 +65,9 @@ def main():
                  "measured_bubble": measured, "step_s": timings[m]["median_s"], "spread": timings[m]["spread"]})
     print(f"p={STAGES} m={m:2d}: measured bubble {measured:.3f}, (p-1)/(m+p-1) = {bubble_fraction(STAGES, m):.3f}, "
           f"step {timings[m]['median_s'] * 1e3:.1f} ms (spread {timings[m]['spread']:.0%})")
-  print(f"calibrated on m=64: tick {tick * 1e3:.2f} ms")
-  write("pipeline_bubble", {"tick_s": tick, "calibration_microbatches": 64, "rows": rows})
+  print(f"calibrated as the slope between m=24 and m=32: tick {tick * 1e3:.2f} ms")
+  write("pipeline_bubble", {"tick_s": tick, "calibration": "slope of T(m) between m=24 and m=32", "rounds": ROUNDS,
+                            "layer_width": WIDTH, "microbatch": MICRO, "rows": rows})
   plot(rows)
 
 

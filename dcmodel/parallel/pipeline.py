@@ -21,8 +21,6 @@ def run(stage_fn, mesh, stage_params, xs):
   """stage_fn(params_of_one_stage, x) -> x; stage_params have a leading stage axis (size S),
   xs is (M, microbatch, ...). Returns (M, microbatch, ...) from the last stage."""
   stages = mesh.shape["stage"]
-  num_micro = xs.shape[0]
-  ticks = num_micro + stages - 1
   forward = [(i, i + 1) for i in range(stages - 1)]
 
   @partial(jax.shard_map, mesh=mesh, in_specs=(P("stage"), P()), out_specs=P(), check_vma=False)
@@ -30,20 +28,16 @@ def run(stage_fn, mesh, stage_params, xs):
     params = jax.tree.map(lambda p: p[0], params)                 # this device's stage
     me = jax.lax.axis_index("stage")
 
-    def tick(carry, t):
-      held, outs = carry
-      fresh = xs[jnp.minimum(t, num_micro - 1)]
+    # Inputs go in and outputs come out as scanned sequences, one slice per tick: indexing a
+    # closed-over (M, ...) array or carrying an (M, ...) output buffer makes every tick (and its
+    # transpose in the backward pass) cost O(M), and the bubble could not be measured.
+    def tick(held, fresh):
       y = stage_fn(params, jnp.where(me == 0, fresh, held))
-      done = t - (stages - 1)                                      # microbatch leaving the last stage
-      # Write one slot in place: a select over the whole (M, ...) buffer would make every
-      # tick cost O(M) and the bubble unmeasurable.
-      slot = jnp.clip(done, 0, num_micro - 1)
-      keep = (me == stages - 1) & (done >= 0)
-      outs = jax.lax.dynamic_update_index_in_dim(outs, jnp.where(keep, y, outs[slot]), slot, 0)
-      return (jax.lax.ppermute(y, "stage", forward), outs), None
+      return jax.lax.ppermute(y, "stage", forward), y
 
-    init = (jnp.zeros_like(xs[0]), jnp.zeros_like(xs))
-    (_, outs), _ = jax.lax.scan(tick, init, jnp.arange(ticks))
+    feed = jnp.concatenate([xs, jnp.zeros((stages - 1, *xs.shape[1:]), xs.dtype)])   # ticks = M + S - 1
+    _, ys = jax.lax.scan(tick, jnp.zeros_like(xs[0]), feed)
+    outs = ys[stages - 1:]                       # microbatch i leaves the last stage at tick i + S - 1
     return jax.lax.psum(jnp.where(me == stages - 1, outs, 0.0), "stage")   # share the last stage's outputs
 
   return pipelined(stage_params, xs)
