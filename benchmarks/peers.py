@@ -71,8 +71,12 @@ def run_dcmodel(model: str, data: Path, epochs: int) -> dict:
   # train metrics read (which waits for the last step); compilation and the final eval excluded.
   start, end = stamps[steps_per_epoch], logs[-1]["time"]
   timed = steps_per_epoch * (epochs - 1) * BATCH
+  # MFU: the model's matmul/conv FLOPs per example (dcmodel.perf.accounting, forward + backward),
+  # against this one device's matmul peak calibrated in the same process after training.
+  from dcmodel.perf import accounting, calibrate
+  flops = accounting.account(cfg).flops_per_step / BATCH
   return {"examples_per_s": timed / (end - start), "test_accuracy": result.final_eval.get("accuracy"),
-          "steps_per_dispatch": per_call}
+          "steps_per_dispatch": per_call, "flops_per_example": flops, "peak_flops": calibrate.matmul_peak()}
 
 
 # ---------------------------------------------------------------- Keras 3 on JAX (the documents' code)
@@ -183,13 +187,16 @@ def main(argv=None) -> int:
         if out.returncode:
           raise SystemExit(f"{framework} on {model} failed:\n{out.stderr[-3000:]}")
         row[framework] = json.loads(out.stdout.strip().splitlines()[-1])
+      for framework in RUNNERS:   # same model, same FLOPs per example, same calibrated peak
+        row[framework]["mfu"] = row[framework]["examples_per_s"] * row["dcmodel"]["flops_per_example"] / row["dcmodel"]["peak_flops"]
       row["vs_keras"] = row["dcmodel"]["examples_per_s"] / row["keras"]["examples_per_s"]
       row["vs_torch"] = row["dcmodel"]["examples_per_s"] / row["torch"]["examples_per_s"]
       rows.append(row)
       print(f"{model}: dcmodel {row['dcmodel']['examples_per_s']:9.0f} ex/s (acc {row['dcmodel']['test_accuracy']:.4f}) | "
             f"keras {row['keras']['examples_per_s']:8.0f} (acc {row['keras']['test_accuracy']:.4f}) | "
             f"torch {row['torch']['examples_per_s']:8.0f} (acc {row['torch']['test_accuracy']:.4f}) | "
-            f"{row['vs_keras']:.1f}x keras, {row['vs_torch']:.1f}x torch", flush=True)
+            f"{row['vs_keras']:.1f}x keras, {row['vs_torch']:.1f}x torch | MFU {row['dcmodel']['mfu']:.1%} / "
+            f"{row['keras']['mfu']:.1%} / {row['torch']['mfu']:.1%} of {row['dcmodel']['peak_flops'] / 1e9:.0f} GFLOP/s", flush=True)
   write("peers" + ("_quick" if args.quick else ""), {"rows": rows})
   ok = all(r["vs_keras"] >= 5 and r["vs_torch"] >= 2 for r in rows)
   return 0 if ok else 1

@@ -82,6 +82,12 @@ def main(argv=None):
       "step_ms_window_spread": 1e3 * float(np.std(hundreds - (intercept + slope * centers))),
       "wall_s": result.wall_s, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
   }
+  # MFU of the steady step: matmul/conv FLOPs per step over the median hundred, against the
+  # matmul peak of the same devices, calibrated after the run.
+  from dcmodel.perf import accounting, calibrate
+  flops = accounting.account(cfg).flops_per_step
+  report["peak_flops"] = calibrate.matmul_peak()
+  report["mfu"] = flops / (float(np.median(hundreds)) * report["peak_flops"])
   report["pass"] = bool(report["rss_growth"] < 0.05 and abs(report["step_time_drift"]) <= 0.10
                         and abs(report["step_time_drift_raw"]) <= 0.10)
   Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
