@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
   pl.add_argument("--hardware", required=True, help="catalog chip, e.g. tpu-v5p, h100")
   pl.add_argument("--chips", type=int, required=True)
   pl.add_argument("--chips-per-host", type=int, default=None)
+  pl.add_argument("--compression", default="none", choices=("none", "bf16", "int8"),
+                  help="gradient all-reduce payload over the data axis (parallel.allreduce)")
   pl.add_argument("--json", action="store_true")
 
   be = sub.add_parser("bench", help="run the benchmark suite (from a source checkout): predicted vs measured")
@@ -145,7 +147,7 @@ def cmd_inspect(args) -> int:
 def cmd_plan(args) -> int:
   import json
   from dcmodel.perf.plan import plan, render
-  out = plan(_load_config(args), args.hardware, args.chips, args.chips_per_host)
+  out = plan(_load_config(args), args.hardware, args.chips, args.chips_per_host, args.compression)
   print(json.dumps(out, indent=2) if args.json else render(out))
   return 0
 

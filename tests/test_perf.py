@@ -5,6 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
+from dcmodel.errors import UserError
+
 from dcmodel.perf import collectives, hardware, optimize, pipeline, roofline
 
 
@@ -193,6 +195,20 @@ def test_layout_communication_by_hand():
   assert fsdp["fsdp_all_gather"] + fsdp["fsdp_reduce_scatter"] == 3 * half          # ZeRO-3: 3 x parameters
   tp = comm_bytes(acc, cfg.model, Layout(4, 1, 2))   # 4 all-reduces per layer of (local tokens x d_model)
   assert tp["model_all_reduce"] == 4 * 4 * (64 * 128 / 4) * 128 * 2
+  # Compressed gradient all-reduce: int8 carries 1 byte per element, bf16 2; only the data axis.
+  f32 = experiment("stdlib_gpt")
+  for compression, per_el in (("none", 4), ("bf16", 2), ("int8", 1)):
+    b = comm_bytes(acc, f32.model, Layout(4, 1, 2), compression)
+    assert b["data_all_reduce"] == acc.param_bytes * per_el / 4
+    assert b["model_all_reduce"] == 4 * 4 * (64 * 128 / 4) * 128 * 4          # activations stay float32
+  with pytest.raises(UserError, match="compression 'fp8' is not one of none, bf16, int8"):
+    comm_bytes(acc, f32.model, Layout(8, 1, 1), "fp8")
+  from dcmodel.perf.layouts import predict_on_chip
+  chip = hardware.get("tpu-v5p")
+  plain, int8 = (predict_on_chip(acc, f32.model, Layout(8, 1, 1), chip, compression=c) for c in ("none", "int8"))
+  alpha = 2 * 7 * 1e-6                                                      # ring latency terms, not compressed
+  assert int8.comm_s["data_all_reduce"] - alpha == pytest.approx((plain.comm_s["data_all_reduce"] - alpha) / 4)
+  assert int8.step_s <= plain.step_s
   th = comm_bound_thresholds(hardware.get("tpu-v5p"), cfg.model)
   assert th["min_tokens_per_device_dp_fsdp"] == pytest.approx(2550)                   # SB training.md:288-299
 

@@ -8,6 +8,10 @@ Communication per step (SB training.md:626-637, in the ring forms of `collective
 - model (Megatron): per layer, an all-reduce of the block's activations after attention and
   after the MLP, forward and backward (4 per layer), of local batch x length x d_model.
 
+Gradient compression (the documents'; `parallel.allreduce`): the data-parallel all-reduce can
+carry bf16 (2 bytes per element) or int8 (1 byte) instead of the compute dtype; FSDP and
+tensor-parallel collectives are not compressed.
+
 Overlap assumption, explicit: on an accelerator, data/fsdp collectives overlap the compute of
 other layers (T = max(compute, comm)), tensor-parallel all-reduces sit on the critical path and
 add. On a CPU host the devices share the cores and nothing overlaps, so every term adds.
@@ -19,6 +23,7 @@ import dataclasses
 import itertools
 import math
 
+from dcmodel.errors import UserError
 from dcmodel.perf import collectives
 from dcmodel.perf.accounting import Accounting
 from dcmodel.perf.hardware import Chip
@@ -45,11 +50,17 @@ def compute_bytes(model_cfg) -> int:
   return 2 if getattr(model_cfg, "dtype", "float32") == "bfloat16" else 4
 
 
-def comm_bytes(acc: Accounting, model_cfg, layout: Layout) -> dict[str, float]:
+COMPRESSED_BYTES = {"none": None, "bf16": 2, "int8": 1}   # bytes per gradient element on the wire
+
+
+def comm_bytes(acc: Accounting, model_cfg, layout: Layout, compression: str = "none") -> dict[str, float]:
   """Array bytes (full size S) moved by each kind of collective in one step."""
+  if compression not in COMPRESSED_BYTES:
+    raise UserError(f"compression '{compression}' is not one of {', '.join(COMPRESSED_BYTES)}")
   bytes_per_el = compute_bytes(model_cfg)
   p = acc.param_bytes * bytes_per_el / 4
-  out = {"data_all_reduce": p if layout.data > 1 else 0.0,
+  grads = acc.param_bytes * (COMPRESSED_BYTES[compression] or bytes_per_el) / 4
+  out = {"data_all_reduce": grads if layout.data > 1 else 0.0,
          "fsdp_all_gather": 2 * p if layout.fsdp > 1 else 0.0,
          "fsdp_reduce_scatter": p if layout.fsdp > 1 else 0.0,
          "model_all_reduce": 0.0}
@@ -61,10 +72,11 @@ def comm_bytes(acc: Accounting, model_cfg, layout: Layout) -> dict[str, float]:
   return out
 
 
-def comm_time_s(acc: Accounting, model_cfg, layout: Layout, bw: float | dict, alpha: float | dict = 0.0) -> dict[str, float]:
+def comm_time_s(acc: Accounting, model_cfg, layout: Layout, bw: float | dict, alpha: float | dict = 0.0,
+                compression: str = "none") -> dict[str, float]:
   """Seconds per collective kind; `bw`/`alpha` one figure or per collective (from calibration)."""
   pick = lambda v, k: v[k] if isinstance(v, dict) else v
-  b = comm_bytes(acc, model_cfg, layout)
+  b = comm_bytes(acc, model_cfg, layout, compression)
   layers = getattr(model_cfg, "num_layers", 1)
   return {
       "data_all_reduce": collectives.all_reduce(b["data_all_reduce"], layout.data, pick(bw, "all_reduce"), pick(alpha, "all_reduce")),
@@ -119,7 +131,8 @@ def _explain(bottleneck: str, layout: Layout, comm: dict) -> str:
           "model_all_reduce": f"activation all-reduces over model={layout.model}: d_ff too small for Y x C/W"}[kind]
 
 
-def predict_on_chip(acc: Accounting, model_cfg, layout: Layout, chip: Chip, hbm_bytes_per_step: float | None = None) -> Prediction:
+def predict_on_chip(acc: Accounting, model_cfg, layout: Layout, chip: Chip, hbm_bytes_per_step: float | None = None,
+                    compression: str = "none") -> Prediction:
   """Accelerator step time: roofline of the per-device work (matmuls at the chip's achievable
   share of peak), plus exposed communication. MFU is against the full catalog peak."""
   n = layout.devices
@@ -127,7 +140,7 @@ def predict_on_chip(acc: Accounting, model_cfg, layout: Layout, chip: Chip, hbm_
   traffic = hbm_bytes_per_step if hbm_bytes_per_step is not None else acc.matmul_bytes / 2   # bf16 operands
   memory = traffic / (n * chip.hbm_bw)
   # rings over ICI / NVLink use both directions of a link: bidirectional bandwidth = 2 x one-way (SB sharding.md:326-336)
-  comm = comm_time_s(acc, model_cfg, layout, 2 * chip.link_bw, 1e-6)
+  comm = comm_time_s(acc, model_cfg, layout, 2 * chip.link_bw, 1e-6, compression)
   overlapped = comm["data_all_reduce"] + comm["fsdp_all_gather"] + comm["fsdp_reduce_scatter"]
   core = max(compute, memory)
   step = max(core, overlapped) + comm["model_all_reduce"]

@@ -16,7 +16,7 @@ from dcmodel.perf.accounting import account
 from dcmodel.perf.layouts import candidate_layouts, comm_bound_thresholds, predict_on_chip
 
 
-def plan(cfg: Config, hardware_name: str, chips: int, chips_per_host: int | None = None) -> dict:
+def plan(cfg: Config, hardware_name: str, chips: int, chips_per_host: int | None = None, compression: str = "none") -> dict:
   chip = hardware.get(hardware_name)
   if chips < 1:
     raise UserError(f"--chips must be >= 1, got {chips}")
@@ -26,7 +26,7 @@ def plan(cfg: Config, hardware_name: str, chips: int, chips_per_host: int | None
   for layout in candidate_layouts(chips, cfg.model):
     if batch % (layout.data * layout.fsdp):
       continue
-    p = predict_on_chip(acc, cfg.model, layout, chip)
+    p = predict_on_chip(acc, cfg.model, layout, chip, compression=compression)
     rows.append({**p.as_dict(), "fits": p.memory_per_device_bytes <= chip.hbm_bytes,
                  "predicted_step_s": p.step_s, "memory_per_device_bytes": p.memory_per_device_bytes})
   if not rows:
@@ -35,7 +35,7 @@ def plan(cfg: Config, hardware_name: str, chips: int, chips_per_host: int | None
   best = rows[0]
   out = {"model": cfg.model.name, "hardware": chip.name, "hardware_source": chip.source, "chips": chips,
          "params": acc.params, "flops_per_step": acc.flops_per_step, "tokens_per_step": acc.tokens_per_step,
-         "global_batch_size": batch, "best": best["layout"], "memory_per_device_bytes": best["memory_per_device_bytes"],
+         "global_batch_size": batch, "gradient_compression": compression, "best": best["layout"], "memory_per_device_bytes": best["memory_per_device_bytes"],
          "predicted_step_s": best["predicted_step_s"], "mfu": best["mfu"], "bottleneck": best["bottleneck"],
          "fits": best["fits"], "thresholds": comm_bound_thresholds(chip, cfg.model), "candidates": rows}
   out["placement"] = _place_and_route(acc, best, chip, chips, chips_per_host or (4 if chip.name.startswith("tpu") else 8), cfg)
