@@ -32,7 +32,7 @@ def launch(workdir, *overrides, wait=True):
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
   r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.returncode == 0, r.stderr[-20000:]   # both processes' errors, when one of them fails
   return r
 
 
