@@ -80,6 +80,13 @@ def _flat_prints(prints) -> tuple[dict[str, int], bool]:
   return hashes, all(bool(f) for _, (_, f) in leaves)
 
 
+def _sync(name: str) -> None:
+  """Every process meets here (nothing to do with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def _everywhere(ok: bool) -> bool:
   """True when `ok` holds on every process."""
   if jax.process_count() == 1:
@@ -125,12 +132,10 @@ class Checkpointer:
       return
     with self._write_errors(self._unverified[-1]):
       self.manager.wait_until_finished()
-    if jax.process_count() > 1:
-      # The primary process commits a step after the others return from waiting: meet here so
-      # every process reads the committed step, and agree on the outcome, so that retention
-      # (which deletes collectively) decides the same everywhere.
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"dcmodel-saved-{self._unverified[-1]}")
+    # The primary process commits a step after the others return from waiting: meet here so
+    # every process reads the committed step, and agree on the outcome, so that retention
+    # (which deletes collectively) decides the same everywhere.
+    _sync(f"dcmodel-saved-{self._unverified[-1]}")
     for step in self._unverified:
       problem = None
       try:
@@ -163,7 +168,11 @@ class Checkpointer:
     good = sorted(self._verified)[-self.cfg.max_to_keep:]
     if len(good) < self.cfg.max_to_keep:
       return
-    for step in self.all_steps():
+    steps = self.all_steps()
+    # Every process lists the steps before any is deleted: listing stats each step directory,
+    # and a step the primary deletes meanwhile made another process fail (seen in CI).
+    _sync(f"dcmodel-retain-{good[0]}")
+    for step in steps:
       if step < good[0]:
         self.manager.delete(step)
         self._verified.discard(step)
@@ -217,9 +226,7 @@ class Checkpointer:
     if jax.process_index() == 0:
       aside.parent.mkdir(exist_ok=True)
       (self.directory / str(step)).rename(aside)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"dcmodel-move-aside-{step}")
+    _sync(f"dcmodel-move-aside-{step}")
     self.manager.reload()
     return aside
 
