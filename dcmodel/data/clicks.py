@@ -1,11 +1,12 @@
 """A synthetic click log drawn from a planted model, so the best achievable AUC is known.
 
 Each row has `num_dense` Gaussian features and one categorical id per table (Zipf-like
-popularity). With `hash_buckets`, the log holds raw ids (distinct random int32 per category, as
-a real log's user and item ids) and the Grain pipeline hashes them into that many rows per table. The planted click probability is sigmoid(bias + w . dense + sum_t a_t[c_t] +
+popularity). The planted click probability is sigmoid(bias + w . dense + sum_t a_t[c_t] +
 sum_{s<t} <u_s[c_s], u_t[c_t]>): per-id effects plus pairwise latent interactions, the
 structure DLRM is built to learn. `bayes_auc` is the AUC of the true probabilities on the test
-split: no model can do better in expectation.
+split: no model can do better in expectation. With `hash_buckets`, the log holds raw ids (a
+distinct random int32 per category, like a real log's user and item ids) and the Grain pipeline
+hashes them into that many rows per table.
 """
 
 from __future__ import annotations

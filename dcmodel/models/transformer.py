@@ -17,7 +17,7 @@ from flax import nnx
 
 from dcmodel.errors import UserError
 from dcmodel.mesh import constrain
-from dcmodel.models.layers import DTYPES, param_init, zeros
+from dcmodel.models.layers import DTYPES, compute_dtype, param_init, zeros
 from dcmodel.models.registry import register
 
 REMAT = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
@@ -60,9 +60,10 @@ class TransformerConfig:
     if self.num_heads % self.kv_heads:
       raise UserError(f"model.num_kv_heads={self.kv_heads} does not divide model.num_heads={self.num_heads}")
     for field, allowed in (("mlp", ("gelu", "swiglu")), ("norm", ("layernorm", "rmsnorm")),
-                           ("positions", ("learned", "rope")), ("dtype", tuple(DTYPES)), ("remat", tuple(REMAT))):
+                           ("positions", ("learned", "rope")), ("remat", tuple(REMAT))):
       if getattr(self, field) not in allowed:
         raise UserError(f"model.{field}='{getattr(self, field)}' is not one of {', '.join(allowed)}")
+    compute_dtype(self.dtype)
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
     if self.positions == "rope" and self.head_dim % 2:
