@@ -38,3 +38,33 @@ def ngram_bits_per_byte(train: bytes, test: bytes, order: int = 2, k: float = 0.
   test_codes = codes(t)
   p = (joint[test_codes] + k) / (context[test_codes // 256] + 256 * k)
   return float(-np.mean(np.log2(p)))
+
+
+def for_experiment(cfg) -> dict:
+  """The baseline an experiment's model must beat, fitted on exactly its training data:
+  language models -> the order-2 byte n-gram's held-out bits per byte; text classifiers ->
+  logistic regression on byte histograms of the tokenized rows, test accuracy; a planted
+  source -> the planted model's AUC (the best any model can reach)."""
+  from dcmodel.data import preprocess, sources, text
+  from dcmodel.data.sources import num_rows, take
+  from dcmodel.errors import UserError
+  if cfg.data.source == "stdlib_text":
+    train, test, _ = text.corpus_bytes(cfg.data)
+    return {"metric": "bits_per_byte", "baseline": ngram_bits_per_byte(train, test), "by": "add-k order-2 byte n-gram",
+            "better": "lower"}
+  source = sources.load(cfg.data)
+  if "bayes_auc" in source.info:
+    return {"metric": "auc", "baseline": float(source.info["bayes_auc"]), "by": "the planted model (best achievable)",
+            "better": "higher"}
+  if source.feature == "text" and source.num_classes:
+    prepared = preprocess.prepare(source)
+
+    def rows(split):   # through the pipeline's own transforms: the tokens the model reads
+      cols = take(prepared.splits[split], np.arange(num_rows(prepared.splits[split])))
+      for t in prepared.transforms:
+        cols = t.map(cols)
+      return cols["x"], cols["y"]
+    return {"metric": "accuracy", "baseline": logistic_regression_accuracy(*rows("train"), *rows("test")),
+            "by": "logistic regression on byte histograms", "better": "higher"}
+  raise UserError(f"no baseline is defined for data.source '{cfg.data.source}' (defined for stdlib_text, "
+                  f"stdlib_snippets and planted sources)")

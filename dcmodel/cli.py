@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--out", required=True, help="directory to create")
   g.add_argument("--shards", type=int, default=4, help="train-split shards")
 
+  b = sub.add_parser("baseline", help="the baseline the experiment's model must beat, fitted on the same training data")
+  b.add_argument("experiment")
+  b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  b.add_argument("--json", action="store_true")
+
   i = sub.add_parser("inspect", help="parameter count and bytes per device, without allocating (any size)")
   i.add_argument("experiment")
   i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -114,6 +119,16 @@ def cmd_train(args) -> int:
   test = f"test loss {m['loss']:.4f}{acc} on {m['examples']} examples" if m else "no final evaluation"
   print(f"[dcmodel] {cfg.name}: step {result.start_step + result.steps_run}, {test}; {result.steps_run} steps in {result.wall_s:.1f}s "
         f"on mesh {dict(result.mesh.shape)}; workdir {workdir}")
+  return 0
+
+
+def cmd_baseline(args) -> int:
+  import json
+  from dcmodel.baselines import for_experiment
+  cfg = _load_config(args)
+  out = {"experiment": cfg.name, **for_experiment(cfg)}
+  print(json.dumps(out) if args.json else
+        f"[dcmodel] {cfg.name}: baseline test {out['metric']} {out['baseline']:.4f} ({out['by']}; {out['better']} is better)")
   return 0
 
 
@@ -231,7 +246,7 @@ def cmd_launch(args) -> int:
   return launch(args.processes, per, ["train", args.experiment, *args.rest])
 
 
-COMMANDS = {"train": cmd_train, "ingest": cmd_ingest, "inspect": cmd_inspect, "plan": cmd_plan, "bench": cmd_bench, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "baseline": cmd_baseline, "ingest": cmd_ingest, "inspect": cmd_inspect, "plan": cmd_plan, "bench": cmd_bench, "predict": cmd_predict,
             "generate": cmd_generate, "query": cmd_query, "launch": cmd_launch}
 
 

@@ -108,6 +108,8 @@ def cases(tmp_path):
       ("hash buckets for too few tables", [dlrm, *small_clicks, "--set", "data.options={'rows': 2000, 'hash_buckets': (64,)}"],
        "must give a positive bucket count for each of the 4 tables"),
       ("dropout out of range", [str(EXPERIMENTS / "stdlib_gpt.py"), "--set", "model.dropout=1.0"], "model.dropout must be in [0, 1)"),
+      ("vocabulary smaller than the tokenizer's ids", [str(EXPERIMENTS / "stdlib_gpt.py"), "--set", "model.vocab_size=100"],
+       "but model.vocab_size=100; the vocabulary must hold every id the tokenizer gives"),
       ("unknown compute dtype", [CNN, "--set", "model.dtype=float16"], "model.dtype='float16' is not one of float32, bfloat16"),
   ]
 

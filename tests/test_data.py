@@ -96,3 +96,44 @@ def test_feature_hashing_is_a_grain_stage_of_the_pipeline():
     assert batch["cat"][:, t].max() < n
   ev = pipeline.eval_batches(prep.splits["test"], "x", prep.normalizer, 64, prep.transforms)[0]
   assert np.all(ev["cat"].max(0) < np.array(buckets)) and ev["cat"].dtype == np.int32
+
+
+def _tiny_stdlib(tmp_path):
+  """A stand-in standard library: UTF-8 files (one with multi-byte characters and NUL bytes),
+  one file that is not UTF-8 (the source drops it)."""
+  root = tmp_path / "lib"
+  (root / "pkg").mkdir(parents=True)
+  files = {"a.py": "print('héllo wörld')\n" * 40, "b.py": "x = '\x00\x00'\n" * 50, "pkg/c.py": "def f():\n  return 1\n" * 30,
+           "pkg/d.py": "# ünïcode 文字\n" * 25}
+  for name, text in files.items():
+    (root / name).write_text(text, encoding="utf-8")
+  (root / "pkg" / "bad.py").write_bytes(b"\xff\xfe not utf-8\n")
+  return root
+
+
+def test_tokenization_is_a_grain_stage_of_the_pipeline(tmp_path):
+  from dcmodel.data import text
+  from dcmodel.data.tokenize import ByteTokenizer
+  tok = ByteTokenizer()
+  assert tok.decode(tok.encode("naïve 文字")) == "naïve 文字".encode()
+  cfg = DataConfig(source="stdlib_text", options={"root": str(_tiny_stdlib(tmp_path)), "seq_len": 16, "holdout_every": 2})
+  src = sources.load(cfg)
+  prep = preprocess.prepare(src)
+  assert src.info["files_not_utf8"] == 1
+  rows = prep.splits["train"]["text"]
+  assert rows.dtype == np.dtype("S17")                            # stored as text, not as token ids
+  train_bytes, _, _ = text.corpus_bytes(cfg)
+  it = pipeline.train_iterator(prep.splits["train"], src.feature, prep.normalizer, 8, seed=0, transforms=prep.transforms)
+  for _ in range(3):
+    batch = next(it)
+    assert set(batch) == {"id", "x", "y", "mask"} and batch["x"].dtype == np.int32 and batch["x"].shape == (8, 16)
+    for i, x, y in zip(batch["id"], batch["x"], batch["y"]):    # window i of the training bytes, shifted by one
+      window = np.frombuffer(train_bytes[16 * i: 16 * i + 17], np.uint8)
+      np.testing.assert_array_equal(x, window[:-1])
+      np.testing.assert_array_equal(y, window[1:])
+  # A window that ends in NUL bytes keeps them (numpy drops trailing NULs from an S element).
+  ends_nul = [i for i in range(len(rows)) if train_bytes[16 * i + 16] == 0]
+  assert ends_nul
+  ev = pipeline.eval_batches({k: v[ends_nul[:4]] for k, v in prep.splits["train"].items()}, src.feature, None, 4,
+                             prep.transforms)[0]
+  assert ev["y"].shape == (4, 16) and (ev["y"][:, -1] == 0).all()

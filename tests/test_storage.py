@@ -43,9 +43,28 @@ def test_manifest_mismatch_is_a_clear_error(tmp_path):
     storage.ingest(experiment("digits_cnn").data, tmp_path / "d")
 
 
+def test_ingested_text_keeps_its_tokenizer_and_gives_the_same_batches(tmp_path):
+  """Text is stored as text; the manifest names the Tokenize stage, and the records read back
+  through the pipeline give exactly the in-memory source's token batches."""
+  from dcmodel.data import pipeline, preprocess, sources
+  cfg = experiment("stdlib_bert", "data.options={'max_per_class': 40}").data
+  manifest = storage.ingest(cfg, tmp_path / "d", shards=2)
+  assert manifest["transforms"] == [{"type": "Tokenize", "args": {"feature": "text", "tokenizer": "bytes", "next_token": False}}]
+  batches = []
+  for src in (sources.load(cfg), sources.load(type(cfg)(source="arrayrecord", options={"path": str(tmp_path / "d")}))):
+    prep = preprocess.prepare(src)
+    it = pipeline.train_iterator(prep.splits["train"], src.feature, prep.normalizer, 16, seed=3, transforms=prep.transforms)
+    batches.append([next(it) for _ in range(4)])
+  for mem, rec in zip(*batches):
+    assert mem.keys() == rec.keys() and rec["x"].shape == (16, 256)
+    for k in mem:
+      np.testing.assert_array_equal(mem[k], rec[k])
+
+
 def test_record_encoding_roundtrip():
-  row = {"id": np.int64(7), "x": np.arange(12, dtype=np.float32).reshape(3, 4), "cat": np.array([1, 2], np.int32)}
+  row = {"id": np.int64(7), "x": np.arange(12, dtype=np.float32).reshape(3, 4), "cat": np.array([1, 2], np.int32),
+         "text": np.array(b"ab\x00\x00", "S4")}
   back = storage.decode(storage.encode(row))
   for k in row:
     np.testing.assert_array_equal(back[k], row[k])
-    assert back[k].dtype == np.asarray(row[k]).dtype
+    assert back[k].dtype == np.asarray(row[k]).dtype and back[k].tobytes() == np.asarray(row[k]).tobytes()

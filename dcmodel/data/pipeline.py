@@ -16,6 +16,7 @@ import numpy as np
 
 from dcmodel.data.preprocess import Normalizer
 from dcmodel.data.sources import Columns, num_rows, take
+from dcmodel.data.tokenize import Tokenize
 
 
 class Gather(grain.transforms.Map):
@@ -73,6 +74,7 @@ class HashBuckets(grain.transforms.Map):
   from an unbounded space; different ids may share a bucket (collisions)."""
 
   def __init__(self, feature: str, buckets: tuple[int, ...], seed: int = 0):
+    self.args = {"feature": feature, "buckets": list(buckets), "seed": seed}
     self.feature, self.buckets, self.seed = feature, tuple(buckets), seed
 
   def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,6 +83,18 @@ class HashBuckets(grain.transforms.Map):
     cols = [murmurhash3_32(np.ascontiguousarray(raw[:, t]), seed=self.seed + t, positive=True) % n
             for t, n in enumerate(self.buckets)]
     return {**batch, self.feature: np.stack(cols, 1).astype(np.int32)}
+
+
+STORED = {t.__name__: t for t in (HashBuckets, Tokenize)}   # transforms an ingested manifest can name
+
+
+def transform_spec(t) -> dict:
+  """A source transform as JSON (for an ingested data set's manifest): its class and arguments."""
+  return {"type": type(t).__name__, "args": t.args}
+
+
+def from_spec(spec: dict):
+  return STORED[spec["type"]](**spec["args"])
 
 
 def _then(ds, transforms):

@@ -22,7 +22,11 @@ class CleanReport:
 
 
 def clean(cols: Columns, feature: str, valid_range: tuple[float, float]) -> tuple[Columns, CleanReport]:
-  """Drop rows whose feature holds NaN/Inf or values outside `valid_range`; count each kind."""
+  """Drop rows whose feature holds NaN/Inf or values outside `valid_range`; count each kind.
+  Text (byte-string rows) passes through: its source cleans it per document (UTF-8), and the
+  pipeline tokenizes it."""
+  if cols[feature].dtype.kind == "S":
+    return cols, CleanReport(len(cols[feature]), 0, 0)
   x = cols[feature].reshape(len(cols[feature]), -1)
   if not np.issubdtype(x.dtype, np.number):
     raise UserError(f"column '{feature}' has dtype {x.dtype}, expected a numeric dtype")

@@ -151,19 +151,29 @@ def csv(cfg: DataConfig) -> Source:
 
 
 def check_fits_model(source: Source, prepared, model_cfg) -> None:
-  """The data must have the shape the model reads and labels the model can predict."""
-  x = take(prepared.splits["train"], np.arange(min(num_rows(prepared.splits["train"]), 4096)))[source.feature]
+  """The data must have the shape the model reads, ids the model's tables hold (an embedding
+  lookup clamps an out-of-range id silently) and labels the model can predict. Checked on a
+  sample after the source's transforms (tokenization, hashing), as the model will see it."""
+  sample = take(prepared.splits["train"], np.arange(min(num_rows(prepared.splits["train"]), 4096)))
+  for t in source.transforms:
+    sample = t.map(sample)
+  missing = [k for k in getattr(model_cfg, "inputs", ("x",)) if k not in sample]
+  if missing:
+    raise UserError(f"data '{source.name}' has no column {missing[0]!r}, which model '{model_cfg.name}' reads "
+                    f"(its batches hold {sorted(sample)})")
+  x = sample[getattr(model_cfg, "inputs", ("x",))[0]]
   expected = getattr(model_cfg, "input_shape", None)
   if expected is not None:
     want = tuple(expected())
     have = tuple(x.shape[1:])
     if int(np.prod(have)) != int(np.prod(want)):
       raise UserError(f"data '{source.name}' has examples of shape {have}, but model '{model_cfg.name}' expects {want}")
+  vocab = getattr(model_cfg, "vocab_size", None)
+  if vocab is not None and len(x) and (x.min() < 0 or x.max() >= vocab):
+    raise UserError(f"data '{source.name}' has token ids {int(x.min())}..{int(x.max())}, but model.vocab_size={vocab}; "
+                    f"the vocabulary must hold every id the tokenizer gives")
   tables = getattr(model_cfg, "table_sizes", None)
-  if tables is not None:   # embedding lookups clamp out-of-range ids silently, so check them here
-    sample = take(prepared.splits["train"], np.arange(min(num_rows(prepared.splits["train"]), 4096)))
-    for t in source.transforms:
-      sample = t.map(sample)
+  if tables is not None:
     cat = sample["cat"]
     if cat.shape[1] != len(tables) or (cat < 0).any() or (cat.max(0) >= np.asarray(tables)).any():
       raise UserError(f"data '{source.name}' has {cat.shape[1]} categorical columns with ids up to "

@@ -56,6 +56,7 @@ def _sha256(path: Path) -> str:
 def ingest(cfg: DataConfig, out_dir: str | Path, shards: int = 4) -> dict:
   """Clean a source, fit normalization on its train split, and write it as ArrayRecord shards."""
   from array_record.python.array_record_module import ArrayRecordWriter
+  from dcmodel.data import pipeline   # not at the top: pipeline -> preprocess -> sources -> storage
   out = Path(out_dir)
   if (out / MANIFEST).exists():
     raise UserError(f"{out} already holds an ingested data set ({MANIFEST}); pick another directory")
@@ -72,13 +73,15 @@ def ingest(cfg: DataConfig, out_dir: str | Path, shards: int = 4) -> dict:
       name = f"{split}-{s:05d}-of-{count:05d}.array_record"
       writer = ArrayRecordWriter(str(out / name), "group_size:1")
       for i in range(bounds[s], bounds[s + 1]):
-        writer.write(encode({k: v[i] for k, v in cols.items()}))
+        # a slice, not v[i]: numpy drops trailing NUL bytes from a text (S<L>) element
+        writer.write(encode({k: v[i:i + 1].reshape(v.shape[1:]) for k, v in cols.items()}))
       writer.close()
       files[split].append({"file": name, "records": int(bounds[s + 1] - bounds[s]), "sha256": _sha256(out / name),
                            "bytes": (out / name).stat().st_size})
   norm = prepared.normalizer
   manifest = {
       "source": source.name, "feature": source.feature, "num_classes": source.num_classes, "info": source.info,
+      "transforms": [pipeline.transform_spec(t) for t in source.transforms],
       "splits": files, "cleaning": {s: dataclasses.asdict(r) for s, r in prepared.reports.items()},
       "normalizer": None if norm is None else {"mean": np.asarray(norm.mean).tolist(), "scale": np.asarray(norm.scale).tolist()},
   }
@@ -131,12 +134,14 @@ def arrayrecord(cfg: DataConfig) -> sources.Source:
   if "path" not in cfg.options:
     raise UserError("data.source 'arrayrecord' needs data.options={'path': INGESTED_DIR}")
   directory = Path(cfg.options["path"])
+  from dcmodel.data import pipeline
   manifest = verify(directory)
   splits = {split: RecordRows([str(directory / e["file"]) for e in entries], sum(e["records"] for e in entries))
             for split, entries in manifest["splits"].items()}
   norm = manifest["normalizer"]
   src = sources.Source(manifest["source"], splits, feature=manifest["feature"], num_classes=manifest["num_classes"],
-                       normalize=None, info={**manifest["info"], "ingested": str(directory)})
+                       normalize=None, info={**manifest["info"], "ingested": str(directory)},
+                       transforms=tuple(pipeline.from_spec(t) for t in manifest.get("transforms", [])))
   src.normalizer = None if norm is None else preprocess.Normalizer(np.asarray(norm["mean"], np.float32),
                                                                   np.asarray(norm["scale"], np.float32))
   return src

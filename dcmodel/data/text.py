@@ -1,9 +1,11 @@
 """Real text that every machine with Python has: the standard library's own source files.
 
-`stdlib_text`: a byte-level corpus (vocab 256) of the .py files under the stdlib, in sorted
-order, every `holdout_every`-th file held out; examples are windows of `seq_len` input bytes
-with the next bytes as targets. `stdlib_snippets`: 256-byte snippets labelled by the top-level
-stdlib package they come from (the 10 largest), split by file so no file is in both splits.
+`stdlib_text`: a corpus of the .py files under the stdlib, in sorted order, every
+`holdout_every`-th file held out; rows are windows of `seq_len` + 1 bytes of text, which the
+pipeline's `Tokenize` stage turns into `seq_len` input tokens and the next tokens as targets.
+`stdlib_snippets`: 256-byte snippets of text labelled by the top-level stdlib package they come
+from (the 10 largest), split by file so no file is in both splits; tokenized the same way.
+Both keep the text as it is (byte strings); cleaning happened per file (not UTF-8: dropped).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from dcmodel.config import DataConfig
 from dcmodel.data.sources import Source, register
+from dcmodel.data.tokenize import Tokenize, as_rows
 from dcmodel.errors import UserError
 
 
@@ -56,11 +59,10 @@ def stdlib_text(cfg: DataConfig) -> Source:
       n = min(n, limit)
     starts = np.arange(n) * seq_len
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
-    w = arr[idx]
-    return {"id": np.arange(n, dtype=np.int64), "x": w[:, :-1], "y": w[:, 1:]}
+    return {"id": np.arange(n, dtype=np.int64), "text": as_rows(arr[idx])}
 
-  return Source("stdlib_text", {"train": cols(train), "test": cols(test, max_test_windows)},
-                valid_range=(0, 255), normalize=None, info={"files_not_utf8": dropped})
+  return Source("stdlib_text", {"train": cols(train), "test": cols(test, max_test_windows)}, feature="text",
+                normalize=None, info={"files_not_utf8": dropped}, transforms=(Tokenize("text", next_token=True),))
 
 
 def corpus_bytes(cfg: DataConfig) -> tuple[bytes, bytes, int]:
@@ -101,7 +103,7 @@ def stdlib_snippets(cfg: DataConfig) -> Source:
       keep = rng.permutation(len(rows))[:cap]
       parts[split].extend((rows[k], label) for k in keep)
   ids = iter(range(10**9))
-  cols = lambda rows: {"id": np.array([next(ids) for _ in rows], np.int64), "x": np.stack([r for r, _ in rows]),
+  cols = lambda rows: {"id": np.array([next(ids) for _ in rows], np.int64), "text": as_rows(np.stack([r for r, _ in rows])),
                        "y": np.array([l for _, l in rows], np.int32)}
-  return Source("stdlib_snippets", {s: cols(r) for s, r in parts.items()}, valid_range=(0, 255),
-                num_classes=len(top), normalize=None, info={"classes": sorted(top)})
+  return Source("stdlib_snippets", {s: cols(r) for s, r in parts.items()}, feature="text", num_classes=len(top),
+                normalize=None, info={"classes": sorted(top)}, transforms=(Tokenize("text"),))

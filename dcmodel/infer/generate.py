@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dcmodel.data.tokenize import ByteTokenizer
 from dcmodel.errors import UserError
 from dcmodel.mesh import batch_divisor, batch_sharding, replicated
 
@@ -64,8 +65,9 @@ class Generation:
 class Generator:
   """Jitted prefill and decode for one trained model, reused across calls of the same shapes."""
 
-  def __init__(self, graphdef, state, mesh, rules):
+  def __init__(self, graphdef, state, mesh, rules, tokenizer=None):
     self.graphdef, self.state, self.mesh, self.rules = graphdef, state, mesh, rules
+    self.tokenizer = tokenizer or ByteTokenizer()   # the one the training pipeline's Tokenize stage used
     self.cfg = nnx.merge(graphdef, state)[0].trunk.cfg
     self._compiled = {}
 
@@ -103,19 +105,20 @@ class Generator:
     if not prompts or any(len(p) == 0 for p in prompts):
       raise UserError("every prompt must hold at least one byte")
     n = len(prompts)
-    length = max(len(p) for p in prompts)
+    ids = [self.tokenizer.encode(p) for p in prompts]
+    length = max(len(t) for t in ids)
     slots = length + sampling.max_new_tokens
     if self.cfg.positions == "learned" and slots > self.cfg.max_len:
-      raise UserError(f"prompt ({length} bytes) + --max-new-tokens ({sampling.max_new_tokens}) = {slots} exceeds "
+      raise UserError(f"prompt ({length} tokens) + --max-new-tokens ({sampling.max_new_tokens}) = {slots} exceeds "
                       f"the model's learned positions (model.max_len={self.cfg.max_len})")
     # The batch splits over the batch axes like training: round it up with copies of prompt 0.
     rows = -(-n // batch_divisor(self.mesh)) * batch_divisor(self.mesh)
-    padded = list(prompts) + [prompts[0]] * (rows - n)
+    padded = ids + [ids[0]] * (rows - n)
     tokens = np.zeros((rows, length), np.int32)
     start = np.zeros((rows,), np.int32)
-    for i, p in enumerate(padded):
-      tokens[i, length - len(p):] = np.frombuffer(p, np.uint8)
-      start[i] = length - len(p)
+    for i, t in enumerate(padded):
+      tokens[i, length - len(t):] = t
+      start[i] = length - len(t)
     prefill, decode = self._fns(sampling)
     rng_prefill, rng_decode = jax.random.split(jax.random.key(sampling.seed))
     with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
@@ -129,15 +132,16 @@ class Generator:
       out = decode(self.state, caches, first, rng_decode) if sampling.max_new_tokens > 1 else first[:, None]
       out = np.asarray(jax.device_get(out))[:n]
       t2 = time.perf_counter()
-    return Generation(out, [bytes(r.astype(np.uint8)) for r in out], t1 - t0, t2 - t1, int(sum(map(len, prompts))))
+    return Generation(out, [self.tokenizer.decode(r) for r in out], t1 - t0, t2 - t1, int(sum(map(len, ids))))
 
 
 def greedy_by_recompute(graphdef, state, prompt: bytes, max_new_tokens: int) -> np.ndarray:
   """Reference decoding without a cache: each step, the full forward pass over the whole
   sequence so far (right-padded to the final length, which a causal model never looks at)."""
-  n = len(prompt)
+  ids = ByteTokenizer().encode(prompt)
+  n = len(ids)
   seq = np.zeros((1, n + max_new_tokens), np.int32)
-  seq[0, :n] = np.frombuffer(prompt, np.uint8)
+  seq[0, :n] = ids
   forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)[0](t))
   for i in range(max_new_tokens):
     seq[0, n + i] = int(jnp.argmax(forward(state, seq)[0, n + i - 1]))
