@@ -39,7 +39,8 @@ def assert_trees_equal(a, b):
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
-  args = ["train", str(EXPERIMENTS / "digits_cnn.py"), "--set", "train.steps=250", "--set", "checkpoint.every_steps=5",
+  total = 600   # enough that each of the 5 launches is still training when it is killed
+  args = ["train", str(EXPERIMENTS / "digits_cnn.py"), "--set", f"train.steps={total}", "--set", "checkpoint.every_steps=5",
           "--set", "train.progress=false", "--set", "train.log_every=5"]
   ref = tmp_path / "ref"
   subprocess.run([sys.executable, "-m", "dcmodel.cli", *args, "--workdir", str(ref)], check=True, cwd=ROOT,
@@ -61,7 +62,7 @@ def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
   final = subprocess.run([sys.executable, "-m", "dcmodel.cli", *args, "--workdir", str(work)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
   assert final.returncode == 0, final.stderr[-2000:]
-  assert_trees_equal(saved_state(work, 250), saved_state(ref, 250))
+  assert_trees_equal(saved_state(work, total), saved_state(ref, total))
   print("checkpoint steps present after each kill:", killed_after)
 
 
@@ -185,7 +186,7 @@ def test_nonfinite_state_is_never_checkpointed(tmp_path):
 
 def test_restore_onto_other_layouts_and_back(tmp_path):
   def run(data, model, steps):
-    cfg = experiment("digits_mlp", f"mesh.data={data}", f"mesh.model={model}", f"train.steps={steps}",
+    cfg = experiment("digits_mlp", f"mesh.data={data}", f"mesh.model={model}", f"train.steps={total}",
                      "checkpoint.every_steps=5")
     return train(cfg, tmp_path / "w", devices=jax.devices()[: data * model])
 

@@ -137,3 +137,19 @@ def test_steps_per_dispatch_must_divide_the_schedule():
   from dcmodel.errors import UserError
   with pytest.raises(UserError, match=r"train.log_every=50 must be a multiple of train.steps_per_dispatch=16"):
     experiment("digits_mlp", "train.steps=160", "train.steps_per_dispatch=16", "checkpoint.every_steps=32")
+
+
+def test_long_stretch_between_metric_reads_does_not_abort(tmp_path):
+  """2,000 small steps dispatched with no metric read in between: unbounded, the queue of
+  steps grew until XLA:CPU aborted the process (a collective's 40 s rendezvous timeout; it did
+  so in 3 of 3 runs here). The loop now keeps at most MAX_IN_FLIGHT calls ahead. A subprocess,
+  because the failure is an abort."""
+  import subprocess
+  import sys
+  from conftest import EXPERIMENTS, ROOT
+  out = subprocess.run([sys.executable, "-m", "dcmodel.cli", "train", str(EXPERIMENTS / "digits_mlp.py"), "--workdir",
+                        str(tmp_path / "w"), "--set", "train.steps=2000", "--set", "train.log_every=1000",
+                        "--set", "checkpoint.enabled=false", "--set", "train.progress=false"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "step 2000" in out.stdout

@@ -75,13 +75,14 @@ def train(cfg: Config, compression: str = "none", devices=None, steps: int | Non
     step = make_step(graphdef, task_fn, mesh, compression, inputs)
     it = pipeline.train_iterator(prepared.splits["train"], source.feature, prepared.normalizer,
                                  cfg.data.global_batch_size, cfg.data.shuffle_seed, transforms=prepared.transforms)
+    from dcmodel.train.loop import bound_in_flight, evaluate
     losses = []
     for _ in range(steps):
       state, residual, sums = step(state, residual, pipeline.to_device(next(it), data_sharding))
       losses.append(sums)
+      bound_in_flight(losses)
     losses = np.array([float(s["loss_sum"]) / float(s["count"]) for s in jax.device_get(losses)])
     eval_step = make_eval_step(graphdef, task_fn, replicated, data_sharding, inputs)
-    from dcmodel.train.loop import evaluate
     final = evaluate(eval_step, state, prepared, source.feature, cfg.data.eval_batch_size, data_sharding, cfg.model.task)
   bytes_per_step = allreduce.bytes_sent_per_device(allreduce.tree_size(params), n, compression)
   return DPRun(losses, final, bytes_per_step, jax.device_get(state_lib.params(graphdef, state)))

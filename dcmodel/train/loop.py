@@ -29,6 +29,19 @@ from dcmodel.train.step import make_eval_step, make_train_step, stacked
 
 Hook = Callable[[int, dict], None]   # called with (step, host batch) before each train step
 
+# Dispatched calls the host may run ahead of the devices. Unbounded, the queue of small steps
+# grows deep between metric reads, and XLA:CPU aborts the process when a collective's
+# rendezvous waits 40 s for a device thread busy with later work (seen with
+# train.log_every=1000 on digits_mlp over 8 simulated devices). A few calls ahead keeps the
+# devices fed; more buys nothing.
+MAX_IN_FLIGHT = 4
+
+
+def bound_in_flight(outputs: list) -> None:
+  """Call after appending a dispatched call's output: waits for the one MAX_IN_FLIGHT back."""
+  if len(outputs) > MAX_IN_FLIGHT:
+    jax.block_until_ready(outputs[-MAX_IN_FLIGHT - 1])
+
 
 @dataclasses.dataclass
 class RunResult:
@@ -52,7 +65,11 @@ def _check_workdir(cfg: Config, workdir: Path) -> None:
 def evaluate(eval_step, state, prepared, feature: str, global_batch_size: int, sharding, task: str,
              split: str = "test") -> dict:
   ds = pipeline.eval_batches(prepared.splits[split], feature, prepared.normalizer, global_batch_size, prepared.transforms)
-  outs = jax.device_get([eval_step(state, pipeline.to_device(ds[i], sharding)) for i in range(len(ds))])
+  outs = []
+  for i in range(len(ds)):
+    outs.append(eval_step(state, pipeline.step_inputs(ds[i], sharding)))
+    bound_in_flight(outs)
+  outs = jax.device_get(outs)
   total = {k: float(np.sum([o[k] for o in outs])) for k in outs[0] if k not in tasks.PER_EXAMPLE}
   metrics = tasks.summarize(total, task)
   if "scores" in outs[0]:  # per-example outputs are replicated, so every process sees the whole split
@@ -152,8 +169,9 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
           for hook in hooks:
             hook(step + i, host_batch)
         host = host_batches[0] if per_call == 1 else {k: np.stack([b[k] for b in host_batches]) for k in device_keys}
-        state, sums = train_step(state, pipeline.to_device(host, call_sharding, device_keys))
+        state, sums = train_step(state, pipeline.step_inputs(host, call_sharding, device_keys))
         pending.append(sums)
+        bound_in_flight(pending)
         done = step + per_call
         bar.update(per_call)
         if done % cfg.train.log_every == 0 or done == steps:
