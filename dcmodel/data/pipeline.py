@@ -122,6 +122,16 @@ def eval_batches(cols: Columns, feature: str, normalizer, global_batch_size: int
   return _then(ds, transforms)
 
 
+def step_inputs(batch: dict[str, np.ndarray], sharding, keys=None) -> dict:
+  """What a jitted step with `in_shardings` is called with. On one process: the host arrays
+  themselves; the step's in_shardings place them on dispatch, in jit's C++ path (~60 us for a
+  small batch here, against ~250 us for jax.device_put, per step). Across processes: the
+  global arrays from every process's rows (to_device)."""
+  if jax.process_count() == 1:
+    return {k: batch[k] for k in keys} if keys is not None else batch
+  return to_device(batch, sharding, keys)
+
+
 def to_device(batch: dict[str, np.ndarray], sharding, keys=None) -> dict[str, jax.Array]:
   """Assemble the global jax.Array from every process's local rows, split over the batch axes
   (only `keys`, if given: ids stay on the host). One transfer call when there is one process."""
