@@ -139,6 +139,14 @@ def test_analytic_flops_within_5_percent_of_xla(name):
   xla = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile().cost_analysis()["flops"]
   assert acc.flops_per_step == pytest.approx(xla, rel=0.05)
   assert acc.params == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  # The roofline's major ops: together they are the step's FLOPs, and each one, run alone, is
+  # the op XLA counts (convolutions: the taps inside the input, as both count them).
+  from dcmodel.perf.accounting import matmul_ops
+  ops = matmul_ops(cfg)
+  assert sum(o.step_flops for o in ops) == acc.flops_per_step
+  for op in ops[:2]:
+    alone = jax.jit(op)
+    assert alone.lower(*op.operands).compile().cost_analysis()["flops"] == pytest.approx(op.flops, rel=0.01)
 
 
 @pytest.mark.parametrize("sets", [

@@ -67,9 +67,10 @@ def _operand_bytes(eqn) -> int:
   return sum(math.prod(v.aval.shape) * jnp.dtype(v.aval.dtype).itemsize for v in [*eqn.invars[:2], *eqn.outvars])
 
 
-def _walk(jaxpr, tainted: set, mult: int) -> tuple[int, int, int]:
+def _walk(jaxpr, tainted: set, mult: int, found: list | None = None) -> tuple[int, int, int]:
   """(forward FLOPs, backward FLOPs, matmul operand bytes fwd + bwd) of a jaxpr whose `tainted`
-  vars depend on the parameters. Each backward matmul moves about as many bytes as its forward."""
+  vars depend on the parameters. Each backward matmul moves about as many bytes as its forward.
+  With `found`, every matmul is also listed as (eqn, calls, backward matmuls per call)."""
   fwd = bwd = mm_bytes = 0
   for eqn in jaxpr.eqns:
     ins = [isinstance(v, jcore.Var) and v in tainted for v in eqn.invars]
@@ -78,6 +79,8 @@ def _walk(jaxpr, tainted: set, mult: int) -> tuple[int, int, int]:
       fwd += flops * mult
       bwd += flops * mult * sum(ins[:2])
       mm_bytes += _operand_bytes(eqn) * mult * (1 + sum(ins[:2]))
+      if found is not None:
+        found.append((eqn, mult, sum(ins[:2])))
     subs = list(jcore.jaxprs_in_params(eqn.params))
     if subs:
       sub = subs[0]
@@ -91,11 +94,11 @@ def _walk(jaxpr, tainted: set, mult: int) -> tuple[int, int, int]:
           out_t = _taint(inner, t)
           for j in range(n_carry):
             sub_in[n_consts + j] = sub_in[n_consts + j] or (inner.outvars[j] in out_t)
-        f, b, m = _walk(inner, {v for v, flag in zip(inner.invars, sub_in) if flag}, mult * eqn.params["length"])
+        f, b, m = _walk(inner, {v for v, flag in zip(inner.invars, sub_in) if flag}, mult * eqn.params["length"], found)
       elif len(inner.invars) == len(eqn.invars):
-        f, b, m = _walk(inner, {v for v, flag in zip(inner.invars, ins) if flag}, mult)
+        f, b, m = _walk(inner, {v for v, flag in zip(inner.invars, ins) if flag}, mult, found)
       else:  # a call whose operands do not line up one to one: assume all depend on the parameters
-        f, b, m = _walk(inner, set(inner.invars), mult)
+        f, b, m = _walk(inner, set(inner.invars), mult, found)
       fwd, bwd, mm_bytes = fwd + f, bwd + b, mm_bytes + m
     if any(ins):
       tainted.update(eqn.outvars)
@@ -168,6 +171,51 @@ def account(cfg: Config) -> Accounting:
                     flops_forward=float(fwd), flops_backward=float(bwd), param_bytes=nbytes(params),
                     grad_bytes=nbytes(params), optimizer_bytes=nbytes(opt_state), activation_bytes=int(act), matmul_bytes=int(mm_bytes),
                     examples_per_step=b, tokens_per_step=tokens)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)   # hashed by identity: jax.jit(op) keys its cache on it
+class MatmulOp:
+  """One distinct matmul or convolution of the forward pass (same primitive, operand shapes and
+  parameters), with how often a training step runs it: the roofline's "major ops"."""
+  label: str
+  primitive: object            # the jax primitive (dot_general, conv_general_dilated)
+  params: dict
+  operands: tuple              # ShapeDtypeStructs of the two operands
+  flops: int                   # one call
+  bytes: int                   # one call: both operands read, the result written
+  calls: int                   # forward calls per step
+  grad_calls: int              # backward matmuls of about this size per step (dW and/or dX)
+
+  @property
+  def intensity(self) -> float:
+    return self.flops / self.bytes
+
+  @property
+  def step_flops(self) -> float:
+    return float(self.flops * (self.calls + self.grad_calls))
+
+  def __call__(self, lhs, rhs):
+    """The op alone, as the step runs it (same primitive and parameters)."""
+    return self.primitive.bind(lhs, rhs, **self.params)
+
+
+def matmul_ops(cfg: Config) -> list[MatmulOp]:
+  """The step's distinct matmuls/convolutions, largest share of the step's FLOPs first."""
+  loss, params, batch, _ = loss_fn_and_args(cfg)
+  closed = jax.make_jaxpr(loss)(params, batch)
+  found: list = []
+  _walk(closed.jaxpr, set(closed.jaxpr.invars[:len(jax.tree.leaves(params))]), 1, found)
+  groups: dict = {}
+  for eqn, calls, grads in found:
+    key = (eqn.primitive.name, tuple(str(v.aval) for v in eqn.invars[:2]), repr(sorted(eqn.params.items(), key=str)))
+    calls_so_far, grads_so_far, _ = groups.get(key, (0, 0, eqn))
+    groups[key] = (calls_so_far + calls, grads_so_far + calls * grads, eqn)
+  ops = []
+  for (name, shapes, _), (calls, grads, eqn) in groups.items():
+    ops.append(MatmulOp(f"{name} {' x '.join(a.str_short() for a in (v.aval for v in eqn.invars[:2]))}", eqn.primitive,
+                        dict(eqn.params), tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars[:2]),
+                        _matmul_flops(eqn), _operand_bytes(eqn), calls, grads))
+  return sorted(ops, key=lambda o: -o.step_flops)
 
 
 # ---- Closed forms for the transformer, the scaling book's per-layer formulas (SB transformers.md:183-310)
