@@ -165,6 +165,10 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
   assert records[-1]["skipped_nonfinite_steps"] == 1 and np.isfinite(records[0]["loss"])
   hashes = jax.device_get(fingerprint(result.state))
   assert all(bool(f) for _, f in jax.tree.leaves(hashes, is_leaf=lambda x: isinstance(x, tuple)))
+  # skipped means untouched: 3 steps then a poisoned 4th equal 3 steps, bitwise (moments and step count included)
+  three = _run(tmp_path, "three", "train.steps=3", "train.log_every=1")
+  four = _run(tmp_path, "four", "train.steps=4", "train.log_every=1", "train.nonfinite=skip", hooks=(poison,))
+  assert_trees_equal(four.state, three.state)
 
 
 def test_nonfinite_stop_stops_with_a_message_and_keeps_checkpoints_finite(tmp_path):
