@@ -24,6 +24,7 @@ SUITE = [
     ("benchmarks.compression", ["--quick"], []),
     ("benchmarks.peers", None, []),
     ("benchmarks.pipeline_bubble", None, []),
+    ("benchmarks.roofline", None, []),
     ("benchmarks.soak", None, []),
 ]
 

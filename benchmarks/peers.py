@@ -9,7 +9,8 @@ models at batch 32 on the same data for the same number of epochs.
 
 Each framework runs in its own process on the same arrays (dcmodel's cleaned, train-normalized
 splits, written once to an .npz). Throughput excludes the first epoch (compilation, warm-up);
-each framework's final test accuracy is reported beside it. Needs the `peers` extra:
+each framework's final test accuracy is reported beside it. Every framework runs --rounds times
+(3), interleaved; the median examples/s is reported with the spread. Needs the `peers` extra:
 `pip install -e '.[peers]'` (keras, torch==2.13.0 CPU).
 Run: python -m benchmarks.peers [--quick]
 """
@@ -161,6 +162,7 @@ def main(argv=None) -> int:
   p.add_argument("--quick", action="store_true", help="fewer epochs (3; 2 for rec)")
   p.add_argument("--one", nargs=3, metavar=("FRAMEWORK", "MODEL", "DATA"), help=argparse.SUPPRESS)
   p.add_argument("--epochs", type=int, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--rounds", type=int, default=3, help="interleaved runs of every framework (median reported)")
   args = p.parse_args(argv)
   if args.one:
     framework, model, data = args.one
@@ -178,15 +180,21 @@ def main(argv=None) -> int:
       epochs = min(epochs, 3 if model != "rec" else 2) if args.quick else epochs
       data = Path(tmp) / f"{model}.npz"
       export(model, data)
-      row = {"model": model, "batch": BATCH, "epochs": epochs}
-      for framework in RUNNERS:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.pop("XLA_FLAGS", None)   # one CPU device for every framework
-        out = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--one", framework, model, str(data), "--epochs", str(epochs)],
-                             cwd=ROOT, env=env, capture_output=True, text=True)
-        if out.returncode:
-          raise SystemExit(f"{framework} on {model} failed:\n{out.stderr[-3000:]}")
-        row[framework] = json.loads(out.stdout.strip().splitlines()[-1])
+      row = {"model": model, "batch": BATCH, "epochs": epochs, "rounds": args.rounds}
+      runs = {framework: [] for framework in RUNNERS}
+      for _ in range(args.rounds):   # interleaved, so the shared host's load drifts over all three alike
+        for framework in RUNNERS:
+          env = {**os.environ, "PYTHONPATH": str(ROOT)}
+          env.pop("XLA_FLAGS", None)   # one CPU device for every framework
+          out = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--one", framework, model, str(data), "--epochs", str(epochs)],
+                               cwd=ROOT, env=env, capture_output=True, text=True)
+          if out.returncode:
+            raise SystemExit(f"{framework} on {model} failed:\n{out.stderr[-3000:]}")
+          runs[framework].append(json.loads(out.stdout.strip().splitlines()[-1]))
+      for framework, rs in runs.items():
+        speeds = sorted(r["examples_per_s"] for r in rs)
+        row[framework] = {**rs[0], "examples_per_s": float(np.median(speeds)), "examples_per_s_runs": speeds,
+                          "spread": (speeds[-1] - speeds[0]) / float(np.median(speeds))}
       for framework in RUNNERS:   # same model, same FLOPs per example, same calibrated peak
         row[framework]["mfu"] = row[framework]["examples_per_s"] * row["dcmodel"]["flops_per_example"] / row["dcmodel"]["peak_flops"]
       row["vs_keras"] = row["dcmodel"]["examples_per_s"] / row["keras"]["examples_per_s"]
@@ -195,7 +203,8 @@ def main(argv=None) -> int:
       print(f"{model}: dcmodel {row['dcmodel']['examples_per_s']:9.0f} ex/s (acc {row['dcmodel']['test_accuracy']:.4f}) | "
             f"keras {row['keras']['examples_per_s']:8.0f} (acc {row['keras']['test_accuracy']:.4f}) | "
             f"torch {row['torch']['examples_per_s']:8.0f} (acc {row['torch']['test_accuracy']:.4f}) | "
-            f"{row['vs_keras']:.1f}x keras, {row['vs_torch']:.1f}x torch | MFU {row['dcmodel']['mfu']:.1%} / "
+            f"{row['vs_keras']:.2f}x keras, {row['vs_torch']:.2f}x torch (medians of {args.rounds}; spread "
+            f"{row['dcmodel']['spread']:.0%} / {row['keras']['spread']:.0%} / {row['torch']['spread']:.0%}) | MFU {row['dcmodel']['mfu']:.1%} / "
             f"{row['keras']['mfu']:.1%} / {row['torch']['mfu']:.1%} of {row['dcmodel']['peak_flops'] / 1e9:.0f} GFLOP/s", flush=True)
   write("peers" + ("_quick" if args.quick else ""), {"rows": rows})
   ok = all(r["vs_keras"] >= 5 and r["vs_torch"] >= 2 for r in rows)

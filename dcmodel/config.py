@@ -260,13 +260,15 @@ def validate(cfg: Config) -> None:
       "train.log_every": cfg.train.log_every,
       "checkpoint.every_steps": cfg.checkpoint.every_steps,
       "checkpoint.max_to_keep": cfg.checkpoint.max_to_keep,
-      "data.read_threads": cfg.data.read_threads,
       "train.grad_accum_steps": cfg.train.grad_accum_steps,
       "train.steps_per_dispatch": cfg.train.steps_per_dispatch,
   }
   for key, value in positive.items():
     if value <= 0:
       raise UserError(f"{key} must be a positive integer, got {value}")
+  for key, value in {"data.read_threads": cfg.data.read_threads, "data.prefetch": cfg.data.prefetch}.items():
+    if value < 0:   # 0 read threads: Grain reads in the consuming thread
+      raise UserError(f"{key} must be 0 or more, got {value}")
   k = cfg.train.steps_per_dispatch
   for key, value in {"train.steps": cfg.train.steps, "train.log_every": cfg.train.log_every,
                      "train.eval_every": cfg.train.eval_every,
