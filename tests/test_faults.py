@@ -39,7 +39,10 @@ def assert_trees_equal(a, b):
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
-  total = 600   # enough that each of the 5 launches is still training when it is killed
+  """Five launches of the same command, each SIGKILLed at a random moment once its run has
+  passed a random step (so the kills do not depend on how fast this machine trains), then a
+  last launch that finishes: bitwise equal to an uninterrupted run."""
+  total = 250
   args = ["train", str(EXPERIMENTS / "digits_cnn.py"), "--set", f"train.steps={total}", "--set", "checkpoint.every_steps=5",
           "--set", "train.progress=false", "--set", "train.log_every=5"]
   ref = tmp_path / "ref"
@@ -47,17 +50,21 @@ def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
                  capture_output=True, timeout=600)
   work = tmp_path / "killed"
   rng = random.Random(1234)
-  killed_after = []
+  killed_after, reached = [], 0
+  listed = lambda kind: ([p for p in os.listdir(work / "checkpoints") if kind(p)] if (work / "checkpoints").exists() else [])
   for _ in range(5):
+    target = reached + rng.randint(5, 40)        # kill once a checkpoint at or past this step exists ...
     proc = subprocess.Popen([sys.executable, "-m", "dcmodel.cli", *args, "--workdir", str(work)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(rng.uniform(4.5, 10.0))
+    while proc.poll() is None and max([int(p) for p in listed(str.isdigit)], default=0) < target:
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.4))             # ... plus a random delay: mid-step or mid-save
     if proc.poll() is None:
       proc.send_signal(signal.SIGKILL)
       proc.wait()
-      steps = sorted(int(p) for p in os.listdir(work / "checkpoints") if p.isdigit()) if (work / "checkpoints").exists() else []
-      partial = [p for p in os.listdir(work / "checkpoints") if "tmp" in p] if (work / "checkpoints").exists() else []
-      killed_after.append((steps[-1] if steps else 0, "mid-save" if partial else ""))
+      steps = sorted(int(p) for p in listed(str.isdigit))
+      reached = steps[-1] if steps else 0
+      killed_after.append((reached, "mid-save" if listed(lambda p: "tmp" in p) else ""))
   assert len(killed_after) >= 5, f"only {len(killed_after)} runs were still going when killed"
   final = subprocess.run([sys.executable, "-m", "dcmodel.cli", *args, "--workdir", str(work)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
@@ -190,7 +197,7 @@ def test_nonfinite_state_is_never_checkpointed(tmp_path):
 
 def test_restore_onto_other_layouts_and_back(tmp_path):
   def run(data, model, steps):
-    cfg = experiment("digits_mlp", f"mesh.data={data}", f"mesh.model={model}", f"train.steps={total}",
+    cfg = experiment("digits_mlp", f"mesh.data={data}", f"mesh.model={model}", f"train.steps={steps}",
                      "checkpoint.every_steps=5")
     return train(cfg, tmp_path / "w", devices=jax.devices()[: data * model])
 
