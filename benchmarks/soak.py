@@ -10,7 +10,9 @@ Step time per hundred is the median over its ten 10-step blocks of the block's m
 the first hundred, the compile step. On a shared 2-core host these hundreds still move by
 +-10% with no checkpointing at all, so the drift is also read from a least-squares line
 through all twenty hundreds (its value at the last hundred over its value at the first);
-both are reported.
+both are reported. Beside them: process CPU seconds per step per hundred (all threads), which
+tell dcmodel's own work from what the shared cores deliver, and every step interval, for
+offline analysis.
 Run: XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.soak [--steps 2000]
 """
 
@@ -48,10 +50,11 @@ def main(argv=None):
       f"train.steps={args.steps}", f"checkpoint.every_steps={args.every}", "train.log_every=100",
       "checkpoint.max_to_keep=2", "train.progress=true", *args.set])
   proc = psutil.Process()
-  stamps, rss = [], {}
+  stamps, cpu, rss = [], [], {}
 
   def record(step, _batch):
     stamps.append(time.perf_counter())
+    cpu.append(time.process_time())
     if step % 10 == 0:
       rss[step] = proc.memory_info().rss
 
@@ -62,6 +65,13 @@ def main(argv=None):
   block = lambda i: np.nanmean(dt[i:i + 10])
   hundreds = np.array([np.median([block(i) for i in range(lo, min(lo + 100, len(dt)), 10)])
                        for lo in range(0, len(dt), 100)])
+  # The same per hundred in process CPU seconds (all threads): what the steps cost this process,
+  # less sensitive than wall time to other jobs taking the shared cores.
+  dc = np.diff(cpu)
+  dc[0] = np.nan
+  cblock = lambda i: np.nanmean(dc[i:i + 10])
+  cpu_hundreds = np.array([np.median([cblock(i) for i in range(lo, min(lo + 100, len(dc)), 10)])
+                           for lo in range(0, len(dc), 100)])
   centers = np.arange(len(hundreds))
   slope, intercept = np.polyfit(centers, hundreds, 1)
   fitted_drift = float((intercept + slope * centers[-1]) / intercept - 1)
@@ -79,7 +89,10 @@ def main(argv=None):
       "step_time_drift_raw": float(hundreds[-1] / hundreds[0] - 1),
       "step_time_drift": fitted_drift,
       "step_ms_by_hundred": [round(1e3 * float(h), 2) for h in hundreds],
+      "cpu_ms_per_step_by_hundred": [round(1e3 * float(h), 2) for h in cpu_hundreds],
+      "cpu_time_drift_raw": float(cpu_hundreds[-1] / cpu_hundreds[0] - 1),
       "step_ms_window_spread": 1e3 * float(np.std(hundreds - (intercept + slope * centers))),
+      "step_intervals_ms": [round(1e3 * float(v), 3) for v in dt[1:]],
       "wall_s": result.wall_s, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
   }
   # MFU of the steady step: matmul/conv FLOPs per step over the median hundred, against the
