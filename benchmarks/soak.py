@@ -60,18 +60,18 @@ def main(argv=None):
 
   with tempfile.TemporaryDirectory() as work:
     result = train(cfg, work, hooks=(record,))
-  dt = np.diff(stamps)       # dt[k]: step k+1 to k+2, dispatch to dispatch (the final save/eval excluded)
-  dt[0] = np.nan             # the compile step
-  block = lambda i: np.nanmean(dt[i:i + 10])
-  hundreds = np.array([np.median([block(i) for i in range(lo, min(lo + 100, len(dt)), 10)])
-                       for lo in range(0, len(dt), 100)])
+
+  def per_hundred(marks):
+    """Per hundred steps: the median of its ten 10-step block means of the intervals."""
+    d = np.diff(marks)       # d[k]: step k+1 to k+2, dispatch to dispatch (the final save/eval excluded)
+    d[0] = np.nan            # the compile step
+    return d, np.array([np.median([np.nanmean(d[i:i + 10]) for i in range(lo, min(lo + 100, len(d)), 10)])
+                        for lo in range(0, len(d), 100)])
+
+  dt, hundreds = per_hundred(stamps)
   # The same per hundred in process CPU seconds (all threads): what the steps cost this process,
   # less sensitive than wall time to other jobs taking the shared cores.
-  dc = np.diff(cpu)
-  dc[0] = np.nan
-  cblock = lambda i: np.nanmean(dc[i:i + 10])
-  cpu_hundreds = np.array([np.median([cblock(i) for i in range(lo, min(lo + 100, len(dc)), 10)])
-                           for lo in range(0, len(dc), 100)])
+  _, cpu_hundreds = per_hundred(cpu)
   centers = np.arange(len(hundreds))
   slope, intercept = np.polyfit(centers, hundreds, 1)
   fitted_drift = float((intercept + slope * centers[-1]) / intercept - 1)

@@ -46,7 +46,6 @@ def for_experiment(cfg) -> dict:
   logistic regression on byte histograms of the tokenized rows, test accuracy; a planted
   source -> the planted model's AUC (the best any model can reach)."""
   from dcmodel.data import preprocess, sources, text
-  from dcmodel.data.sources import num_rows, take
   from dcmodel.errors import UserError
   if cfg.data.source == "stdlib_text":
     train, test, _ = text.corpus_bytes(cfg.data)
@@ -58,13 +57,8 @@ def for_experiment(cfg) -> dict:
             "better": "higher"}
   if source.feature == "text" and source.num_classes:
     prepared = preprocess.prepare(source)
-
-    def rows(split):   # through the pipeline's own transforms: the tokens the model reads
-      cols = take(prepared.splits[split], np.arange(num_rows(prepared.splits[split])))
-      for t in prepared.transforms:
-        cols = t.map(cols)
-      return cols["x"], cols["y"]
-    return {"metric": "accuracy", "baseline": logistic_regression_accuracy(*rows("train"), *rows("test")),
+    train, test = (sources.model_rows(prepared.splits[s], prepared.transforms) for s in ("train", "test"))
+    return {"metric": "accuracy", "baseline": logistic_regression_accuracy(train["x"], train["y"], test["x"], test["y"]),
             "by": "logistic regression on byte histograms", "better": "higher"}
   raise UserError(f"no baseline is defined for data.source '{cfg.data.source}' (defined for stdlib_text, "
                   f"stdlib_snippets and planted sources)")

@@ -40,6 +40,16 @@ def take(split, idx: np.ndarray) -> Columns:
   return {k: v[idx] for k, v in split.items()} if isinstance(split, dict) else split.take(idx)
 
 
+def model_rows(split, transforms, limit: int | None = None) -> Columns:
+  """The first `limit` rows (all by default) after the source's transforms (tokenization,
+  hashing): the columns a model reads, for checks and baselines outside the Grain pipeline."""
+  n = num_rows(split) if limit is None else min(num_rows(split), limit)
+  rows = take(split, np.arange(n))
+  for t in transforms:
+    rows = t.map(rows)
+  return rows
+
+
 _SOURCES = {}
 
 
@@ -154,14 +164,13 @@ def check_fits_model(source: Source, prepared, model_cfg) -> None:
   """The data must have the shape the model reads, ids the model's tables hold (an embedding
   lookup clamps an out-of-range id silently) and labels the model can predict. Checked on a
   sample after the source's transforms (tokenization, hashing), as the model will see it."""
-  sample = take(prepared.splits["train"], np.arange(min(num_rows(prepared.splits["train"]), 4096)))
-  for t in source.transforms:
-    sample = t.map(sample)
-  missing = [k for k in getattr(model_cfg, "inputs", ("x",)) if k not in sample]
+  sample = model_rows(prepared.splits["train"], source.transforms, 4096)
+  inputs = getattr(model_cfg, "inputs", ("x",))
+  missing = [k for k in inputs if k not in sample]
   if missing:
     raise UserError(f"data '{source.name}' has no column {missing[0]!r}, which model '{model_cfg.name}' reads "
                     f"(its batches hold {sorted(sample)})")
-  x = sample[getattr(model_cfg, "inputs", ("x",))[0]]
+  x = sample[inputs[0]]
   expected = getattr(model_cfg, "input_shape", None)
   if expected is not None:
     want = tuple(expected())

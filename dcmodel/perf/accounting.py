@@ -158,11 +158,17 @@ def nbytes(tree) -> int:
   return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def account(cfg: Config) -> Accounting:
-  from jax._src.ad_checkpoint import saved_residuals   # what jax.grad keeps for the backward pass (remat-aware)
+def _walk_step(cfg: Config, found: list | None = None):
+  """_walk over the jaxpr of `cfg`'s loss, the parameters tainted: (fwd, bwd, matmul bytes), and
+  the loss_fn_and_args it traced."""
   loss, params, batch, opt_state = loss_fn_and_args(cfg)
   closed = jax.make_jaxpr(loss)(params, batch)
-  fwd, bwd, mm_bytes = _walk(closed.jaxpr, set(closed.jaxpr.invars[:len(jax.tree.leaves(params))]), 1)
+  return _walk(closed.jaxpr, set(closed.jaxpr.invars[:len(jax.tree.leaves(params))]), 1, found), (loss, params, batch, opt_state)
+
+
+def account(cfg: Config) -> Accounting:
+  from jax._src.ad_checkpoint import saved_residuals   # what jax.grad keeps for the backward pass (remat-aware)
+  (fwd, bwd, mm_bytes), (loss, params, batch, opt_state) = _walk_step(cfg)
   act = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a, why in saved_residuals(loss, params, batch)
             if "argument" not in str(why))
   b = cfg.data.global_batch_size
@@ -201,10 +207,8 @@ class MatmulOp:
 
 def matmul_ops(cfg: Config) -> list[MatmulOp]:
   """The step's distinct matmuls/convolutions, largest share of the step's FLOPs first."""
-  loss, params, batch, _ = loss_fn_and_args(cfg)
-  closed = jax.make_jaxpr(loss)(params, batch)
   found: list = []
-  _walk(closed.jaxpr, set(closed.jaxpr.invars[:len(jax.tree.leaves(params))]), 1, found)
+  _walk_step(cfg, found)
   groups: dict = {}
   for eqn, calls, grads in found:
     key = (eqn.primitive.name, tuple(str(v.aval) for v in eqn.invars[:2]), repr(sorted(eqn.params.items(), key=str)))
