@@ -113,10 +113,12 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_steps_per_dispatch_equals_one_step_per_call(tmp_path):
-  """k steps in one jitted scan: the same batches, losses and parameters as k calls, and a
-  resume from a checkpoint taken between calls is exact."""
-  def run(k, name, steps=16):
-    cfg = experiment("digits_mlp", f"train.steps={steps}", "train.log_every=4", "checkpoint.every_steps=8",
+  """k steps in one jitted scan, fed by one Grain element of k batches: the same batches, losses
+  and parameters as k calls; a resume from a checkpoint taken between calls is exact, also when
+  the resumed run groups its steps differently; a checkpoint step the new grouping cannot start
+  from is a one-line error."""
+  def run(k, name, steps=16, log_every=4):
+    cfg = experiment("digits_mlp", f"train.steps={steps}", f"train.log_every={log_every}", "checkpoint.every_steps=8",
                      f"train.steps_per_dispatch={k}")
     seen = []
     r = train(cfg, tmp_path / name, hooks=(lambda step, b: seen.append((step, b["id"].tolist())),))
@@ -131,6 +133,14 @@ def test_steps_per_dispatch_equals_one_step_per_call(tmp_path):
   resumed, _, _ = run(4, "resumed")
   assert resumed.start_step == 8
   jax.tree.map(np.testing.assert_array_equal, params(resumed), params(four))
+  run(4, "regrouped", steps=8)
+  regrouped, ids2, _ = run(2, "regrouped")   # the saved iterator counted elements of 4 steps
+  assert regrouped.start_step == 8 and ids2 == ids1[8:]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params(regrouped), params(one))
+  from dcmodel.errors import UserError
+  run(4, "odd", steps=12)
+  with pytest.raises(UserError, match=r"checkpoint is at step 12, not a multiple of train.steps_per_dispatch=8"):
+    run(8, "odd", log_every=8)
 
 
 def test_steps_per_dispatch_must_divide_the_schedule():

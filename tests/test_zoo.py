@@ -196,3 +196,15 @@ def test_remat_policies_change_memory_not_numbers():
   for policy in ("block", "dots"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), results[policy], results["none"])
   assert saved["none"] > saved["dots"] > saved["block"] > 0, saved
+
+
+def test_cnn_pooling_equals_reduce_window_in_values_and_gradients():
+  """The CNN's reshape-and-max pooling is nnx.max_pool (reduce_window) in values and, where no
+  window ties, in gradients."""
+  from dcmodel.models.cnn import max_pool_2x2
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  ref = lambda v: nnx.max_pool(v, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(max_pool_2x2(x), ref(x))
+  w = jax.random.normal(jax.random.key(1), (4, 4, 4, 3))
+  grad = lambda pool: jax.grad(lambda v: (pool(v) * w).sum())(x)
+  np.testing.assert_array_equal(grad(max_pool_2x2), grad(ref))

@@ -1,5 +1,6 @@
 """The Grain pipeline: shuffle -> this process's share -> batch -> gather + normalize ->
-the source's transforms (e.g. feature hashing) -> devices.
+the source's transforms (e.g. feature hashing) -> [k batches stacked, for k steps per jitted
+call] -> devices.
 
 Every global batch holds the same examples whatever the process count: the shuffled stream
 is global (same seed everywhere) and process p takes every P-th row of each global batch, so
@@ -17,6 +18,7 @@ import numpy as np
 from dcmodel.data.preprocess import Normalizer
 from dcmodel.data.sources import Columns, num_rows, take
 from dcmodel.data.tokenize import Tokenize
+from dcmodel.errors import UserError
 
 
 class Gather(grain.transforms.Map):
@@ -36,16 +38,18 @@ class Gather(grain.transforms.Map):
 
 
 class GlobalBatchRows(grain.transforms.Map):
-  """Step s -> this process's row indices of global batch s.
+  """Element d -> this process's row indices of global batches d*k .. d*k+k-1, flat (k steps
+  per element; see Steps).
 
   The global stream is the concatenation of per-epoch permutations of the rows (epoch e
   permuted by a generator seeded with (seed, e)); global batch s is positions [s*B, (s+1)*B)
-  of it, and process p takes every P-th of those. One vectorized gather per batch instead of
-  a shuffle per element, so the host keeps up with small steps.
+  of it, and process p takes every P-th of those. One vectorized gather per element instead of
+  a shuffle per row, so the host keeps up with small steps.
   """
 
-  def __init__(self, rows: int, global_batch_size: int, seed: int, process: int, processes: int):
+  def __init__(self, rows: int, global_batch_size: int, seed: int, process: int, processes: int, steps: int = 1):
     self.rows, self.batch, self.seed, self.process, self.processes = rows, global_batch_size, seed, process, processes
+    self.steps = steps
     self._perms: dict[int, np.ndarray] = {}
 
   def _perm(self, epoch: int) -> np.ndarray:
@@ -55,14 +59,29 @@ class GlobalBatchRows(grain.transforms.Map):
       self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
     return self._perms[epoch]
 
-  def map(self, step) -> np.ndarray:
-    pos = int(step) * self.batch + np.arange(self.process, self.batch, self.processes)
+  def map(self, element) -> np.ndarray:
+    steps = int(element) * self.steps + np.arange(self.steps)
+    pos = (steps[:, None] * self.batch + np.arange(self.process, self.batch, self.processes)).ravel()
     epoch, offset = np.divmod(pos, self.rows)
+    if epoch[0] == epoch[-1]:   # most elements lie inside one epoch
+      return self._perm(int(epoch[0]))[offset]
     out = np.empty(len(pos), np.int64)
     for e in np.unique(epoch):
       sel = epoch == e
       out[sel] = self._perm(int(e))[offset[sel]]
     return out
+
+
+class Steps(grain.transforms.Map):
+  """The rows of k steps, gathered and transformed as one flat batch, split on a new leading
+  step axis: (k, rows per step, ...), what a jitted call of k scanned steps takes. Grain's
+  per-element work is then paid once per k steps, not once per step."""
+
+  def __init__(self, steps: int):
+    self.steps = steps
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.reshape(self.steps, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
 ENDLESS = 2 ** 50   # steps; a random-access dataset needs a length
@@ -104,12 +123,29 @@ def _then(ds, transforms):
 
 
 def train_iterator(cols: Columns, feature: str, normalizer, global_batch_size: int, seed: int,
-                   read_threads: int = 1, prefetch: int = 4, transforms=()) -> grain.DatasetIterator:
-  """An endless, per-epoch reshuffled iterator of this process's part of each global batch."""
+                   read_threads: int = 1, prefetch: int = 4, transforms=(), steps_per_element: int = 1) -> grain.DatasetIterator:
+  """An endless, per-epoch reshuffled iterator of this process's part of each global batch;
+  with steps_per_element=k > 1, each element holds k consecutive batches stacked (see Steps)."""
   p, count = jax.process_index(), jax.process_count()
-  ds = grain.MapDataset.range(ENDLESS).map(GlobalBatchRows(num_rows(cols), global_batch_size, seed, p, count))
-  ds = _then(ds.map(Gather(cols, feature, normalizer)), transforms)
+  rows = GlobalBatchRows(num_rows(cols), global_batch_size, seed, p, count, steps_per_element)
+  ds = _then(grain.MapDataset.range(ENDLESS).map(rows).map(Gather(cols, feature, normalizer)), transforms)
+  if steps_per_element > 1:
+    ds = ds.map(Steps(steps_per_element))
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)))
+
+
+def seek(it: grain.DatasetIterator, step: int, steps_per_element: int) -> None:
+  """Put a train iterator at `step`. A restored iterator's position counts elements of as many
+  steps as the run that saved it grouped; the stream is a function of the step alone, so a
+  run that groups differently can re-position it exactly."""
+  if step % steps_per_element:
+    raise UserError(f"the checkpoint is at step {step}, not a multiple of train.steps_per_dispatch={steps_per_element}; "
+                    f"resume with a train.steps_per_dispatch that divides {step}")
+  state = it.get_state()
+  if "next_index" not in state:
+    raise RuntimeError(f"unexpected Grain iterator state {state}: dcmodel expects {{'next_index': ...}}")
+  if state["next_index"] != step // steps_per_element:
+    it.set_state({**state, "next_index": step // steps_per_element})
 
 
 def eval_batches(cols: Columns, feature: str, normalizer, global_batch_size: int, transforms=()):

@@ -61,5 +61,15 @@ class CNN(nnx.Module):
   def __call__(self, x):
     x = x.reshape(x.shape[0], *self.image_shape)
     for conv in self.convs:
-      x = nnx.max_pool(jax.nn.relu(conv(x)), (2, 2), strides=(2, 2))
+      x = max_pool_2x2(jax.nn.relu(conv(x)))
     return self.head(x.reshape(x.shape[0], -1)).astype(jnp.float32)
+
+
+def max_pool_2x2(x):
+  """2x2 max pooling, stride 2, as a reshape and a max: the same values as reduce_window
+  (nnx.max_pool), and a backward pass XLA fuses instead of a select-and-scatter. The digits CNN's
+  train step ran 1.33x faster on XLA:CPU (27.1k vs 20.4k examples/s at batch 32). Gradients
+  differ only where a window's maximum ties (split instead of given to one); after a relu such
+  windows are almost always all zero, where the relu's gradient is zero anyway."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))

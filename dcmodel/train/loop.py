@@ -131,9 +131,10 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
   writer.write({"step": 0, "split": "data", **source.info, **{f"{s}_{k}": v for s, r in prepared.reports.items()
                                                               for k, v in dataclasses.asdict(r).items()}})
   data_sharding = batch_sharding(mesh)
+  per_call = cfg.train.steps_per_dispatch
   it = pipeline.train_iterator(prepared.splits["train"], source.feature, prepared.normalizer,
                                cfg.data.global_batch_size, cfg.data.shuffle_seed,
-                               cfg.data.read_threads, cfg.data.prefetch, prepared.transforms)
+                               cfg.data.read_threads, cfg.data.prefetch, prepared.transforms, per_call)
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     # --- State: the newest good checkpoint restored into its shardings, or created sharded.
@@ -141,9 +142,9 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
     start, state = ckpt.restore_latest(target, it) if ckpt else (0, None)
     if state is None:
       state = state_lib.init_state(cfg, shardings)
+    pipeline.seek(it, start, per_call)
     inputs = getattr(cfg.model, "inputs", ("x",))
     device_keys = (*inputs, "y", "mask")
-    per_call = cfg.train.steps_per_dispatch
     dropout_seed = cfg.train.seed if getattr(cfg.model, "dropout", 0.0) else None
     train_step = make_train_step(graphdef, task_fn, shardings, data_sharding, inputs, cfg.train.grad_accum_steps, per_call,
                                  dropout_seed)
@@ -164,11 +165,11 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
                  desc=cfg.name, unit="step", dynamic_ncols=True)
       pending, window_start, skipped = [], time.perf_counter(), 0
       for step in range(start, steps, per_call):
-        host_batches = [next(it) for _ in range(per_call)]
-        for i, host_batch in enumerate(host_batches):
+        host = next(it)   # per_call > 1: per_call batches stacked on a leading axis
+        for i in range(per_call if hooks else 0):
+          batch = host if per_call == 1 else {k: v[i] for k, v in host.items()}
           for hook in hooks:
-            hook(step + i, host_batch)
-        host = host_batches[0] if per_call == 1 else {k: np.stack([b[k] for b in host_batches]) for k in device_keys}
+            hook(step + i, batch)
         state, sums = train_step(state, pipeline.step_inputs(host, call_sharding, device_keys))
         pending.append(sums)
         bound_in_flight(pending)
