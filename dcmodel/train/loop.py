@@ -25,7 +25,7 @@ from dcmodel.mesh import batch_divisor, batch_sharding, build_mesh, check_batch,
 from dcmodel.train import state as state_lib
 from dcmodel.train import tasks
 from dcmodel.train.metrics import MetricsWriter
-from dcmodel.train.step import make_eval_step, make_train_step, stacked
+from dcmodel.train.step import make_eval_step, make_train_step, on_leaves, stacked, zero_totals
 
 Hook = Callable[[int, dict], None]   # called with (step, host batch) before each train step
 
@@ -150,9 +150,14 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
                                  dropout_seed)
     call_sharding = stacked(data_sharding) if per_call > 1 else data_sharding
     eval_step = make_eval_step(graphdef, task_fn, shardings, data_sharding, inputs)
+    # The loop carries the state as its list of arrays (see on_leaves); the State is rebuilt
+    # only to evaluate, save and return.
+    treedef, leaves = jax.tree.structure(state), jax.tree.leaves(state)
+    leaf_step = on_leaves(train_step, shardings, call_sharding)
+    current = lambda: jax.tree.unflatten(treedef, leaves)
 
     def run_eval(step):
-      metrics = evaluate(eval_step, state, prepared, source.feature, cfg.data.eval_batch_size, data_sharding,
+      metrics = evaluate(eval_step, current(), prepared, source.feature, cfg.data.eval_batch_size, data_sharding,
                          cfg.model.task)
       writer.write({"step": step, "split": "eval", **metrics})
       return metrics
@@ -163,20 +168,24 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
       steps = cfg.train.steps
       bar = tqdm(total=steps, initial=start, disable=not cfg.train.progress or jax.process_index() != 0,
                  desc=cfg.name, unit="step", dynamic_ncols=True)
-      pending, window_start, skipped = [], time.perf_counter(), 0
+      pending, totals, zeros, window_start, skipped = [], None, None, time.perf_counter(), 0
       for step in range(start, steps, per_call):
         host = next(it)   # per_call > 1: per_call batches stacked on a leading axis
         for i in range(per_call if hooks else 0):
           batch = host if per_call == 1 else {k: v[i] for k, v in host.items()}
           for hook in hooks:
             hook(step + i, batch)
-        state, sums = train_step(state, pipeline.step_inputs(host, call_sharding, device_keys))
-        pending.append(sums)
+        inputs = pipeline.step_inputs(host, call_sharding, device_keys)
+        if totals is None:   # a new metrics window
+          zeros = zeros or zero_totals(train_step, current(), inputs)
+          totals = zeros()
+        leaves, totals = leaf_step(leaves, totals, inputs)
+        pending.append(totals)
         bound_in_flight(pending)
         done = step + per_call
         bar.update(per_call)
         if done % cfg.train.log_every == 0 or done == steps:
-          total = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(pending))  # the one host sync
+          total = {k: float(v) for k, v in jax.device_get(totals).items()}  # the one host sync
           elapsed = time.perf_counter() - window_start
           skipped += int(total.pop("nonfinite"))
           metrics = tasks.summarize(total, cfg.model.task)
@@ -191,11 +200,11 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
             raise UserError(f"non-finite loss or gradients in {skipped} step(s) between steps {done - len(pending) * per_call + 1} "
                             f"and {done}; their updates were not applied and training stopped (train.nonfinite=stop); "
                             f"last checkpoint: {last}")
-          pending, window_start = [], time.perf_counter()
+          pending, totals, window_start = [], None, time.perf_counter()
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
           run_eval(done)
         if ckpt and (done % cfg.checkpoint.every_steps == 0 or done == steps):
-          ckpt.save(done, state, it)
+          ckpt.save(done, current(), it)
       bar.close()
 
       final = run_eval(steps) if cfg.train.final_eval else {}
@@ -210,4 +219,4 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
           pass
   writer.close()
   wall = time.perf_counter() - t0
-  return RunResult(final, steps - start, start, wall, graphdef, state, mesh)
+  return RunResult(final, steps - start, start, wall, graphdef, current(), mesh)

@@ -79,6 +79,29 @@ def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=(
                  out_shardings=(state_shardings, rep), donate_argnums=0)
 
 
+def on_leaves(step, state_shardings, batch_sharding):
+  """`step` over the state's leaves, a list of arrays, in the same shardings, adding its metric
+  sums into running totals on the device: (leaves, totals, batch) -> (leaves, totals).
+
+  jit flattens a list in C++ but an nnx.State's Variables in Python (~140 us per call for a
+  21-leaf state here), and fetching every step's sums cost ~110 us per step; the recommender MLP
+  at one step per call ran 58k examples/s with both. `zero_totals` starts a window."""
+  treedef = jax.tree.structure(state_shardings)
+  def leaf_step(leaves, totals, batch):
+    state, sums = step(jax.tree.unflatten(treedef, leaves), batch)
+    return jax.tree.leaves(state), jax.tree.map(jnp.add, totals, sums)
+  leaf_shardings, rep = jax.tree.leaves(state_shardings), replicated(batch_sharding.mesh)
+  return jax.jit(leaf_step, in_shardings=(leaf_shardings, rep, batch_sharding),
+                 out_shardings=(leaf_shardings, rep), donate_argnums=0)
+
+
+def zero_totals(step, state, batch):
+  """A function returning zeros shaped like `step`'s metric sums, as global (replicated) arrays."""
+  shapes = jax.eval_shape(step, state, batch)[1]
+  rep = replicated(jax.tree.leaves(state)[0].sharding.mesh)
+  return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=rep)
+
+
 def stacked(batch_sharding):
   """The sharding of `steps` batches stacked on a new leading axis (kept whole)."""
   return jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
