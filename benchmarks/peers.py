@@ -30,10 +30,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 32
-# dcmodel's train.steps_per_dispatch per model: 32 steps per jitted call (one Grain element) for
-# the MLPs; 1 for the CNN, whose convolutions inside XLA:CPU's while loop run ~8x slower than
-# outside (2.1k vs 17.8k examples/s measured here), and fully unrolled gain nothing.
-STEPS_PER_DISPATCH = {"mlp": 32, "cnn": 1, "rec": 32}
+# dcmodel's train.steps_per_dispatch and train.dispatch_unroll per model: 32 steps per jitted call
+# (one Grain element) in a loop for the MLPs; 8 for the CNN, unrolled, since XLA:CPU runs its
+# convolutions ~8x slower inside a loop (2.1k vs 17.8k examples/s measured here).
+STEPS_PER_DISPATCH = {"mlp": 32, "cnn": 8, "rec": 32}
+UNROLL = {"mlp": 1, "cnn": 8, "rec": 1}
 MODELS = {"mlp": ("digits_mlp", 10), "cnn": ("digits_cnn", 10), "rec": ("recommender_mlp", 3)}
 
 
@@ -63,7 +64,7 @@ def run_dcmodel(model: str, data: Path, epochs: int) -> dict:
   steps = max(first + per_call, round(epoch * epochs / per_call) * per_call)   # the peers' step count, to a whole call
   cfg = config_lib.apply_overrides(config_lib.load_experiment(ROOT / "experiments" / f"{MODELS[model][0]}.py"), [
       f"data.global_batch_size={BATCH}", "data.eval_batch_size=128", f"train.steps={steps}", "train.eval_every=0",
-      f"train.log_every={first}", f"train.steps_per_dispatch={per_call}", "train.progress=false",
+      f"train.log_every={first}", f"train.steps_per_dispatch={per_call}", f"train.dispatch_unroll={UNROLL[model]}", "train.progress=false",
       "checkpoint.enabled=false", "optimizer.name=adam", "optimizer.learning_rate=0.001", "optimizer.schedule=constant",
       "optimizer.weight_decay=0.0", "mesh.data=1", "mesh.model=1"])
   stamps = {}

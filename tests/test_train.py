@@ -115,11 +115,11 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 def test_steps_per_dispatch_equals_one_step_per_call(tmp_path):
   """k steps in one jitted scan, fed by one Grain element of k batches: the same batches, losses
   and parameters as k calls; a resume from a checkpoint taken between calls is exact, also when
-  the resumed run groups its steps differently; a checkpoint step the new grouping cannot start
-  from is a one-line error."""
-  def run(k, name, steps=16, log_every=4):
+  the resumed run groups its steps differently (and unrolls them); a checkpoint step the new
+  grouping cannot start from is a one-line error."""
+  def run(k, name, steps=16, log_every=4, unroll=1):
     cfg = experiment("digits_mlp", f"train.steps={steps}", f"train.log_every={log_every}", "checkpoint.every_steps=8",
-                     f"train.steps_per_dispatch={k}")
+                     f"train.steps_per_dispatch={k}", f"train.dispatch_unroll={unroll}")
     seen = []
     r = train(cfg, tmp_path / name, hooks=(lambda step, b: seen.append((step, b["id"].tolist())),))
     return r, seen, [m["loss"] for m in read(tmp_path / name / "metrics.jsonl") if m["split"] == "train"]
@@ -134,7 +134,7 @@ def test_steps_per_dispatch_equals_one_step_per_call(tmp_path):
   assert resumed.start_step == 8
   jax.tree.map(np.testing.assert_array_equal, params(resumed), params(four))
   run(4, "regrouped", steps=8)
-  regrouped, ids2, _ = run(2, "regrouped")   # the saved iterator counted elements of 4 steps
+  regrouped, ids2, _ = run(2, "regrouped", unroll=2)   # the saved iterator counted elements of 4 steps
   assert regrouped.start_step == 8 and ids2 == ids1[8:]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params(regrouped), params(one))
   from dcmodel.errors import UserError
@@ -147,6 +147,8 @@ def test_steps_per_dispatch_must_divide_the_schedule():
   from dcmodel.errors import UserError
   with pytest.raises(UserError, match=r"train.log_every=50 must be a multiple of train.steps_per_dispatch=16"):
     experiment("digits_mlp", "train.steps=160", "train.steps_per_dispatch=16", "checkpoint.every_steps=32")
+  with pytest.raises(UserError, match=r"train.dispatch_unroll must be a positive integer, got 0"):
+    experiment("digits_mlp", "train.dispatch_unroll=0")
 
 
 def test_long_stretch_between_metric_reads_does_not_abort(tmp_path):

@@ -147,7 +147,7 @@ def train(cfg: Config, workdir: str | Path, hooks: tuple[Hook, ...] = (), device
     device_keys = (*inputs, "y", "mask")
     dropout_seed = cfg.train.seed if getattr(cfg.model, "dropout", 0.0) else None
     train_step = make_train_step(graphdef, task_fn, shardings, data_sharding, inputs, cfg.train.grad_accum_steps, per_call,
-                                 dropout_seed)
+                                 dropout_seed, cfg.train.dispatch_unroll)
     call_sharding = stacked(data_sharding) if per_call > 1 else data_sharding
     eval_step = make_eval_step(graphdef, task_fn, shardings, data_sharding, inputs)
     # The loop carries the state as its list of arrays (see on_leaves); the State is rebuilt

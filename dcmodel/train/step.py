@@ -40,12 +40,13 @@ def _grads(model, task_fn, batch, inputs, accum: int, key=None):
 
 
 def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=("x",), accum: int = 1, steps: int = 1,
-                    dropout_seed: int | None = None):
+                    dropout_seed: int | None = None, unroll: int = 1):
   """The jitted step. With steps > 1 it takes `steps` batches stacked on a leading axis and runs
-  them in order inside one call (lax.scan), returning the summed metrics: the same updates as
-  `steps` separate calls, without the per-call host work. With a `dropout_seed`, the model gets
-  a dropout key derived from (seed, optimizer step): nothing random is stored, so a resumed run
-  draws the same masks, and the masks do not depend on the layout."""
+  them in order inside one call (lax.scan, `unroll` steps per loop iteration), returning the
+  summed metrics: the same updates as `steps` separate calls, without the per-call host work.
+  With a `dropout_seed`, the model gets a dropout key derived from (seed, optimizer step):
+  nothing random is stored, so a resumed run draws the same masks, and the masks do not depend
+  on the layout."""
   def train_step(state, batch):
     model, opt = nnx.merge(graphdef, state)
     model.train()
@@ -72,7 +73,7 @@ def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=(
                    out_shardings=(state_shardings, rep), donate_argnums=0)
 
   def multi_step(state, batches):
-    state, sums = jax.lax.scan(train_step, state, batches)
+    state, sums = jax.lax.scan(train_step, state, batches, unroll=unroll)
     return state, jax.tree.map(lambda v: jnp.sum(v, 0), sums)
 
   return jax.jit(multi_step, in_shardings=(state_shardings, stacked(batch_sharding)),
