@@ -33,8 +33,7 @@ BATCH = 32
 # dcmodel's train.steps_per_dispatch and train.dispatch_unroll per model: 32 steps per jitted call
 # (one Grain element) in a loop for the MLPs; 8 for the CNN, unrolled, since XLA:CPU runs its
 # convolutions ~8x slower inside a loop (2.1k vs 17.8k examples/s measured here).
-STEPS_PER_DISPATCH = {"mlp": 32, "cnn": 8, "rec": 32}
-UNROLL = {"mlp": 1, "cnn": 8, "rec": 1}
+DISPATCH = {"mlp": (32, 1), "cnn": (8, 8), "rec": (32, 1)}   # (steps per call, unrolled)
 MODELS = {"mlp": ("digits_mlp", 10), "cnn": ("digits_cnn", 10), "rec": ("recommender_mlp", 3)}
 
 
@@ -58,13 +57,13 @@ def run_dcmodel(model: str, data: Path, epochs: int) -> dict:
   from dcmodel.train.loop import train
   from dcmodel.train.metrics import read
   n = len(np.load(data)["y_train"])
-  per_call = STEPS_PER_DISPATCH[model]
+  per_call, unroll = DISPATCH[model]
   epoch = -(-n // BATCH)                                        # Keras's steps per epoch (last batch partial)
   first = -(-epoch // per_call) * per_call                      # untimed: compilation and warm-up, about one epoch
   steps = max(first + per_call, round(epoch * epochs / per_call) * per_call)   # the peers' step count, to a whole call
   cfg = config_lib.apply_overrides(config_lib.load_experiment(ROOT / "experiments" / f"{MODELS[model][0]}.py"), [
       f"data.global_batch_size={BATCH}", "data.eval_batch_size=128", f"train.steps={steps}", "train.eval_every=0",
-      f"train.log_every={first}", f"train.steps_per_dispatch={per_call}", f"train.dispatch_unroll={UNROLL[model]}", "train.progress=false",
+      f"train.log_every={first}", f"train.steps_per_dispatch={per_call}", f"train.dispatch_unroll={unroll}", "train.progress=false",
       "checkpoint.enabled=false", "optimizer.name=adam", "optimizer.learning_rate=0.001", "optimizer.schedule=constant",
       "optimizer.weight_decay=0.0", "mesh.data=1", "mesh.model=1"])
   stamps = {}

@@ -56,7 +56,7 @@ def main(argv=None):
   p.add_argument("--runs", type=int, default=1, help="soaks in fresh processes, one after another, pooled")
   args = p.parse_args(argv)
   if args.runs > 1:
-    return pooled(args, sys.argv[1:] if argv is None else argv)
+    return pooled(args)
 
   cfg = config_lib.apply_overrides(config_lib.load_experiment(ROOT / "experiments" / "digits_cnn.py"), [
       f"train.steps={args.steps}", f"checkpoint.every_steps={args.every}", "train.log_every=100",
@@ -121,12 +121,12 @@ def main(argv=None):
   return 0 if report["pass"] else 1
 
 
-def pooled(args, argv) -> int:
+def pooled(args) -> int:
   """args.runs soaks, each in its own process (one at a time), and the mean drift over them."""
   import subprocess
   from scipy import stats
-  child = [a for i, a in enumerate(argv) if a not in ("--runs", "--out") and argv[i - 1] not in ("--runs", "--out")
-           and not a.startswith(("--runs=", "--out="))]
+  child = ["--steps", str(args.steps), "--every", str(args.every), "--warmup", str(args.warmup),
+           *[a for s in args.set for a in ("--set", s)]]
   runs = []
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(args.runs):
