@@ -78,6 +78,7 @@ def cases(tmp_path):
       ("negative batch", [CNN, "--set", "data.global_batch_size=-8"], "data.global_batch_size must be a positive integer, got -8"),
       ("negative model size", [CNN, "--set", "model.features=(32, -64)"], "model sizes must be positive"),
       ("image not divisible by pools", [CNN, "--set", "model.image_size=(6, 6)"], "must be divisible by 2**len(features)=4"),
+      ("unknown convolution", [CNN, "--set", "model.conv=fft"], "model.conv='fft' is not one of auto, xla, matmul"),
       ("batch not divisible by data axis", [CNN, "--set", "data.global_batch_size=100"], "does not divide the batch axes data x fsdp = 8"),
       ("mesh larger than devices", [CNN, "--set", "mesh.data=4", "--set", "mesh.model=4"], "needs 16 devices but only 8 are available"),
       ("two fill axes", [CNN, "--set", "mesh.model=-1"], "at most one mesh axis may be -1"),

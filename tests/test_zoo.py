@@ -208,3 +208,23 @@ def test_cnn_pooling_equals_reduce_window_in_values_and_gradients():
   w = jax.random.normal(jax.random.key(1), (4, 4, 4, 3))
   grad = lambda pool: jax.grad(lambda v: (pool(v) * w).sum())(x)
   np.testing.assert_array_equal(grad(max_pool_2x2), grad(ref))
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_cnn_matmul_convolution_equals_xla_in_values_and_gradients(kernel_size):
+  """model.conv=matmul (the taps gathered into one matmul; what auto picks on CPU) is XLA's
+  convolution: the same logits and parameter gradients from the same parameters, to float32
+  rounding."""
+  from dcmodel.models.layers import conv_function
+  x = jax.random.normal(jax.random.key(0), (4, 64))
+  results = {}
+  for conv in ("xla", "matmul"):
+    cfg = experiment("digits_cnn", f"model.kernel_size={kernel_size}", f"model.conv={conv}", "mesh.data=1")
+    mesh = build_mesh(cfg.mesh, jax.devices()[:1])
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
+      graphdef, state = nnx.split(state_lib.make_model_and_optimizer(cfg)[0])
+      loss = lambda s: (nnx.merge(graphdef, s)(x) ** 2).mean()
+      results[conv] = jax.device_get((nnx.merge(graphdef, state)(x), jax.jit(jax.grad(loss))(state)))
+  np.testing.assert_allclose(results["matmul"][0], results["xla"][0], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), results["matmul"][1], results["xla"][1])
+  assert conv_function("auto") is conv_function("matmul" if jax.default_backend() == "cpu" else "xla")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dcmodel.errors import UserError
-from dcmodel.models.layers import compute_dtype, dense, param_init, zeros
+from dcmodel.models.layers import compute_dtype, conv_function, dense, param_init, zeros
 from dcmodel.models.registry import register
 
 
@@ -29,10 +29,12 @@ class CNNConfig:
   num_outputs: int = 10
   task: str = "classification"
   dtype: str = "float32"         # compute dtype (bfloat16: mixed precision)
+  conv: str = "auto"             # auto | xla | matmul: how convolutions are computed (layers.CONVS)
   name: ClassVar[str]
 
   def validate(self):
     compute_dtype(self.dtype)
+    conv_function(self.conv)
     if any(f <= 0 for f in self.features) or self.num_outputs <= 0 or self.kernel_size <= 0:
       raise UserError(f"model sizes must be positive: features={self.features}, kernel_size={self.kernel_size}, num_outputs={self.num_outputs}")
     if any(s % 2 ** len(self.features) for s in self.image_size):
@@ -52,7 +54,7 @@ class CNN(nnx.Module):
     self.convs = nnx.List([
         nnx.Conv(a, b, k, padding="SAME", rngs=rngs, dtype=compute_dtype(cfg.dtype),
                  kernel_init=param_init((None, None, "conv_in" if i else None, "conv_out")),
-                 bias_init=zeros(("conv_out",)))
+                 bias_init=zeros(("conv_out",)), conv_general_dilated=conv_function(cfg.conv))
         for i, (a, b) in enumerate(zip(chans[:-1], chans[1:]))])
     pooled = math.prod(s // 2 ** len(cfg.features) for s in cfg.image_size)
     self.head = dense(pooled * chans[-1], cfg.num_outputs, ("embed", "classes"), rngs=rngs, dtype=compute_dtype(cfg.dtype))

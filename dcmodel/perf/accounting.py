@@ -136,8 +136,11 @@ class Accounting:
 
 def loss_fn_and_args(cfg: Config):
   """(loss(params, batch), abstract params, abstract batch, abstract optimizer state) of `cfg`'s
-  model on one global batch, laid out on one device (accounting is layout-free)."""
+  model on one global batch, laid out on one device (accounting is layout-free). Convolutions are
+  XLA's: the model's own FLOPs, not the padding zeros the matmul form also multiplies."""
   from dcmodel.inspect import abstract_batch
+  if getattr(cfg.model, "conv", "xla") != "xla":
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conv="xla"))
   one = dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1, stage=1)
   mesh = build_mesh(one, jax.devices()[:1])
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(one, mesh)):
