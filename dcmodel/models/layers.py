@@ -69,4 +69,6 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
   x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
   oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
   taps = jnp.concatenate([x[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
-  return jnp.dot(taps, rhs.reshape(kh * kw * c, out), precision=precision)
+  # As a 2-D matmul: XLA:CPU ran the CNN step with a 4-D dot_general 1.3x slower.
+  y = jnp.dot(taps.reshape(b * oh * ow, kh * kw * c), rhs.reshape(kh * kw * c, out), precision=precision)
+  return y.reshape(b, oh, ow, out)
