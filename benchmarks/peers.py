@@ -10,7 +10,10 @@ models at batch 32 on the same data for the same number of epochs.
 Each framework runs in its own process on the same arrays (dcmodel's cleaned, train-normalized
 splits, written once to an .npz). Throughput excludes the first epoch (compilation, warm-up);
 each framework's final test accuracy is reported beside it. Every framework runs --rounds times
-(3), interleaved; the median examples/s is reported with the spread. Needs the `peers` extra:
+(3), interleaved; the median examples/s is reported with the spread. Beside them runs the bare
+step (`run_xla`): the same model as one jax.jit + optax function over batches already on the
+device, the most a framework on XLA (Keras included) can get out of it; its ratio to Keras bounds
+dcmodel's. Needs the `peers` extra:
 `pip install -e '.[peers]'` (keras, torch==2.13.0 CPU).
 Run: python -m benchmarks.peers [--quick]
 """
@@ -158,7 +161,74 @@ def run_torch(model: str, data: Path, epochs: int) -> dict:
   return {"examples_per_s": len(x) * (epochs - 1) / sum(times[1:]), "test_accuracy": acc}
 
 
-RUNNERS = {"dcmodel": run_dcmodel, "keras": run_keras, "torch": run_torch}
+# ---------------------------------------------------------------- bare XLA: the ceiling
+def run_xla(model: str, data: Path, epochs: int) -> dict:
+  """The same model and Adam as a bare jax.jit + optax step, 32 steps per call (lax.scan) over
+  batches already on the device: no input pipeline, no metrics, no framework; the CNN's
+  convolutions are matmuls, as in dcmodel on CPU. Keras runs on the same XLA, so no framework on
+  XLA gets much further ahead of Keras than this step does: its ratio to Keras bounds the others'."""
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from dcmodel.models.cnn import max_pool_2x2
+  from dcmodel.models.layers import conv_as_matmul
+  a = np.load(data)
+  keys = iter(jax.random.split(jax.random.key(0), 9))
+  dense = lambda i, o, shape=None: (jax.random.normal(next(keys), shape or (i, o)) / np.sqrt(i), jnp.zeros(o))
+  layers = {"mlp": [dense(64, 256), dense(256, 128), dense(128, 10)], "rec": [dense(100, 64), dense(64, 32), dense(32, 1)],
+            "cnn": [dense(9, 32, (3, 3, 1, 32)), dense(288, 64, (3, 3, 32, 64)), dense(256, 10)]}[model]
+  convs = 2 if model == "cnn" else 0
+
+  def forward(params, x):
+    if convs:
+      x = x.reshape(-1, 8, 8, 1)
+      for w, b in params[:convs]:
+        x = max_pool_2x2(jax.nn.relu(conv_as_matmul(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b))
+      x = x.reshape(x.shape[0], -1)
+    for i, (w, b) in enumerate(params[convs:]):
+      x = x @ w + b
+      x = jax.nn.relu(x) if i < len(params) - convs - 1 else x
+    return x
+
+  def loss(params, x, y):
+    out = forward(params, x)
+    if model == "rec":
+      return optax.sigmoid_binary_cross_entropy(out[:, 0], y.astype(jnp.float32)).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+
+  tx = optax.adam(1e-3)
+
+  def step(carry, batch):
+    params, opt = carry
+    updates, opt = tx.update(jax.grad(loss)(params, *batch), opt, params)
+    return (optax.apply_updates(params, updates), opt), None
+
+  calls = jax.jit(lambda carry, xs, ys: jax.lax.scan(step, carry, (xs, ys))[0], donate_argnums=0)
+  x, y = a["x_train"], a["y_train"]
+  per_epoch, per_call = len(x) // BATCH, 32                    # full batches only
+  rng = np.random.default_rng(0)
+  order = np.concatenate([rng.permutation(len(x))[:per_epoch * BATCH] for _ in range(epochs)])
+  n_calls = len(order) // (BATCH * per_call)
+  order = order[:n_calls * BATCH * per_call].reshape(n_calls, per_call, BATCH)
+  xs, ys = jax.device_put(x[order]), jax.device_put(y[order])
+  jax.block_until_ready((xs, ys))
+  carry = (layers, tx.init(layers))
+  first = -(-per_epoch // per_call)                             # untimed: compilation and about one epoch
+  for i in range(first):
+    carry = calls(carry, xs[i], ys[i])
+  jax.block_until_ready(carry)
+  start = time.perf_counter()
+  for i in range(first, n_calls):
+    carry = calls(carry, xs[i], ys[i])
+  jax.block_until_ready(carry)
+  seconds = time.perf_counter() - start
+  out = forward(carry[0], a["x_test"])
+  pred = out[:, 0] > 0 if model == "rec" else out.argmax(-1)
+  return {"examples_per_s": (n_calls - first) * per_call * BATCH / seconds, "test_accuracy": float((np.asarray(pred) == a["y_test"]).mean())}
+
+
+RUNNERS = {"dcmodel": run_dcmodel, "keras": run_keras, "torch": run_torch, "xla": run_xla}
 
 
 def main(argv=None) -> int:
@@ -203,6 +273,8 @@ def main(argv=None) -> int:
         row[framework]["mfu"] = row[framework]["examples_per_s"] * row["dcmodel"]["flops_per_example"] / row["dcmodel"]["peak_flops"]
       row["vs_keras"] = row["dcmodel"]["examples_per_s"] / row["keras"]["examples_per_s"]
       row["vs_torch"] = row["dcmodel"]["examples_per_s"] / row["torch"]["examples_per_s"]
+      row["xla_vs_keras"] = row["xla"]["examples_per_s"] / row["keras"]["examples_per_s"]   # the bound on vs_keras
+      row["dcmodel_of_xla"] = row["dcmodel"]["examples_per_s"] / row["xla"]["examples_per_s"]
       rows.append(row)
       print(f"{model}: dcmodel {row['dcmodel']['examples_per_s']:9.0f} ex/s (acc {row['dcmodel']['test_accuracy']:.4f}) | "
             f"keras {row['keras']['examples_per_s']:8.0f} (acc {row['keras']['test_accuracy']:.4f}) | "
@@ -210,6 +282,8 @@ def main(argv=None) -> int:
             f"{row['vs_keras']:.2f}x keras, {row['vs_torch']:.2f}x torch (medians of {args.rounds}; spread "
             f"{row['dcmodel']['spread']:.0%} / {row['keras']['spread']:.0%} / {row['torch']['spread']:.0%}) | MFU {row['dcmodel']['mfu']:.1%} / "
             f"{row['keras']['mfu']:.1%} / {row['torch']['mfu']:.1%} of {row['dcmodel']['peak_flops'] / 1e9:.0f} GFLOP/s", flush=True)
+      print(f"{model}: bare XLA step {row['xla']['examples_per_s']:9.0f} ex/s (acc {row['xla']['test_accuracy']:.4f}) = "
+            f"{row['xla_vs_keras']:.2f}x keras, the most any framework on XLA can be; dcmodel reaches {row['dcmodel_of_xla']:.0%} of it", flush=True)
   write("peers" + ("_quick" if args.quick else ""), {"rows": rows})
   ok = all(r["vs_keras"] >= 5 and r["vs_torch"] >= 2 for r in rows)
   return 0 if ok else 1
