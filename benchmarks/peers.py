@@ -283,7 +283,7 @@ def main(argv=None) -> int:
             f"{row['dcmodel']['spread']:.0%} / {row['keras']['spread']:.0%} / {row['torch']['spread']:.0%}) | MFU {row['dcmodel']['mfu']:.1%} / "
             f"{row['keras']['mfu']:.1%} / {row['torch']['mfu']:.1%} of {row['dcmodel']['peak_flops'] / 1e9:.0f} GFLOP/s", flush=True)
       print(f"{model}: bare XLA step {row['xla']['examples_per_s']:9.0f} ex/s (acc {row['xla']['test_accuracy']:.4f}) = "
-            f"{row['xla_vs_keras']:.2f}x keras, the most any framework on XLA can be; dcmodel reaches {row['dcmodel_of_xla']:.0%} of it", flush=True)
+            f"{row['xla_vs_keras']:.2f}x keras (the bound on any framework that runs this XLA step); dcmodel reaches {row['dcmodel_of_xla']:.0%} of it", flush=True)
   write("peers" + ("_quick" if args.quick else ""), {"rows": rows})
   ok = all(r["vs_keras"] >= 5 and r["vs_torch"] >= 2 for r in rows)
   return 0 if ok else 1

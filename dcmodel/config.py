@@ -83,7 +83,7 @@ class TrainConfig:
   nonfinite: str = "skip"        # a NaN/Inf loss or gradient: skip the update (counted) | stop
   grad_accum_steps: int = 1      # microbatches per step; gradients are averaged before the update
   steps_per_dispatch: int = 1    # train steps run inside one jitted call (a scan): small steps stop paying host overhead
-  dispatch_unroll: int = 1       # of those, steps unrolled per loop iteration: XLA:CPU runs convolutions ~8x slower inside a loop
+  dispatch_unroll: int = 1       # of those, steps unrolled per loop iteration: XLA:CPU runs its own convolutions (model.conv=xla) ~8x slower inside a loop
   progress: bool = True
 
 
