@@ -12,8 +12,8 @@ the compile); so no hundred is measured differently from another. On a shared 2-
 these hundreds still move by +-10% with no checkpointing at all, so the drift is also read from
 a least-squares line through all twenty hundreds (its value at the last hundred over its value
 at the first); both are reported. Beside them: process CPU seconds per step per hundred (all threads), which
-tell dcmodel's own work from what the shared cores deliver, and every step interval, for
-offline analysis.
+tell dcmodel's own work from what the shared cores deliver, the hypervisor's steal time per step
+(the host giving the cores to other guests), and every step interval, for offline analysis.
 
 One run's two hundreds are ~1 s of wall time each, and on this shared host the speed it
 delivers moves by +-10% from one second to the next. So `--runs N` repeats the soak in N fresh
@@ -62,11 +62,12 @@ def main(argv=None):
       f"train.steps={args.steps}", f"checkpoint.every_steps={args.every}", "train.log_every=100",
       "checkpoint.max_to_keep=2", "train.progress=true", *args.set])
   proc = psutil.Process()
-  stamps, cpu, rss = [], [], {}
+  stamps, cpu, steal, rss = [], [], [], {}
 
   def record(step, _batch):
     stamps.append(time.perf_counter())
     cpu.append(time.process_time())
+    steal.append(psutil.cpu_times().steal)   # all CPUs: time the hypervisor gave to other guests
     if step % 10 == 0:
       rss[step] = proc.memory_info().rss
 
@@ -85,6 +86,8 @@ def main(argv=None):
   # The same per hundred in process CPU seconds (all threads): what the steps cost this process,
   # less sensitive than wall time to other jobs taking the shared cores.
   _, cpu_hundreds = per_hundred(cpu)
+  # And the hypervisor's steal time per step: the shared host taking the cores away.
+  _, steal_hundreds = per_hundred(steal)
   centers = np.arange(len(hundreds))
   slope, intercept = np.polyfit(centers, hundreds, 1)
   fitted_drift = float((intercept + slope * centers[-1]) / intercept - 1)
@@ -104,6 +107,7 @@ def main(argv=None):
       "step_ms_by_hundred": [round(1e3 * float(h), 2) for h in hundreds],
       "cpu_ms_per_step_by_hundred": [round(1e3 * float(h), 2) for h in cpu_hundreds],
       "cpu_time_drift_raw": float(cpu_hundreds[-1] / cpu_hundreds[0] - 1),
+      "steal_ms_per_step_by_hundred": [round(1e3 * float(h), 3) for h in steal_hundreds],
       "step_ms_window_spread": 1e3 * float(np.std(hundreds - (intercept + slope * centers))),
       "step_intervals_ms": [round(1e3 * float(v), 3) for v in dt[1:]],
       "wall_s": result.wall_s, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
