@@ -330,7 +330,11 @@ def saved_model(workdir: Path) -> dict | None:
 
 
 def same_model(cfg: Config, saved: dict) -> bool:
-  now = json.loads(json.dumps(to_dict(cfg)["model"], default=list))
+  # Fields that choose only how the model is computed (a model config's COMPUTE_ONLY: convolution
+  # kernels, remat, scan unrolling) do not make another model: the parameters are the same.
+  skip = getattr(type(cfg.model), "COMPUTE_ONLY", ())
+  now = {k: v for k, v in json.loads(json.dumps(to_dict(cfg)["model"], default=list)).items() if k not in skip}
+  saved = {k: v for k, v in saved.items() if k not in skip}
   # A field added to the model config after the checkpoint was written (e.g. dtype) counts as
   # unchanged while it keeps its default.
   defaults = {f.name: f.default for f in dataclasses.fields(cfg.model) if f.default is not dataclasses.MISSING}

@@ -80,3 +80,8 @@ def test_a_model_field_added_later_keeps_old_workdirs_resumable():
   assert same_model(cfg, saved)                                             # written before `dtype` existed
   assert not same_model(experiment("digits_cnn", "model.dtype=bfloat16"), saved)
   assert not same_model(experiment("digits_cnn", "model.features=(16, 64)"), saved)
+  # How the model is computed is not which model it is: the same parameters resume under any.
+  assert same_model(experiment("digits_cnn", "model.conv=xla"), saved)
+  assert same_model(experiment("digits_cnn", "model.conv=matmul"), {**saved, "conv": "xla"})
+  gpt = experiment("stdlib_gpt")
+  assert same_model(experiment("stdlib_gpt", "model.remat=block"), json.loads(json.dumps(to_dict(gpt)["model"], default=list)))

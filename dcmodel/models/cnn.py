@@ -31,6 +31,7 @@ class CNNConfig:
   dtype: str = "float32"         # compute dtype (bfloat16: mixed precision)
   conv: str = "auto"             # auto | xla | matmul: how convolutions are computed (layers.CONVS)
   name: ClassVar[str]
+  COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ("conv",)   # a checkpoint resumes under any of these
 
   def validate(self):
     compute_dtype(self.dtype)

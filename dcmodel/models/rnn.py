@@ -29,6 +29,7 @@ class GRUConfig:
   task: str = "classification"
   dtype: str = "float32"           # compute dtype (bfloat16: mixed precision)
   name: ClassVar[str]
+  COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ("unroll",)   # a checkpoint resumes under any of these
 
   def validate(self):
     compute_dtype(self.dtype)

@@ -42,6 +42,7 @@ class TransformerConfig:
   dtype: str = "float32"           # compute dtype; parameters and optimizer state stay float32
   remat: str = "none"              # none | block | dots
   name: ClassVar[str]
+  COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ("remat",)   # a checkpoint resumes under any of these
 
   @property
   def kv_heads(self) -> int:
