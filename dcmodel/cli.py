@@ -35,7 +35,16 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("experiment")
   g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   g.add_argument("--out", required=True, help="directory to create")
-  g.add_argument("--shards", type=int, default=4, help="train-split shards")
+  g.add_argument("--shards", type=int, default=4, help="train-split shards (tables)")
+  g.add_argument("--workers", type=int, default=None, help="tokenizer processes (corpora; default: one per core)")
+
+  tk = sub.add_parser("tokenizer", help="train a tokenizer on an experiment's training documents")
+  tk_sub = tk.add_subparsers(dest="tokenizer_command", required=True)
+  tt = tk_sub.add_parser("train", help="byte-level BPE (Hugging Face tokenizers) on the training split only")
+  tt.add_argument("experiment")
+  tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  tt.add_argument("--vocab-size", type=int, required=True)
+  tt.add_argument("--out", required=True, help="the tokenizer.json to write")
 
   b = sub.add_parser("baseline", help="the baseline the experiment's model must beat, fitted on the same training data")
   b.add_argument("experiment")
@@ -104,9 +113,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_config(args):
-  from dcmodel import config as config_lib
-  cfg = config_lib.load_experiment(args.experiment)
-  return config_lib.apply_overrides(cfg, args.set)
+  from dcmodel import experiment
+  return experiment.load(args.experiment, args.set)
 
 
 def cmd_train(args) -> int:
@@ -122,6 +130,25 @@ def cmd_train(args) -> int:
   return 0
 
 
+def cmd_tokenizer(args) -> int:
+  from pathlib import Path
+  from dcmodel.data import documents, registry, tokenizers
+  from dcmodel.data.registry import Corpus
+  from dcmodel.errors import UserError
+  cfg = _load_config(args)
+  out = Path(args.out)
+  if out.exists():
+    raise UserError(f"--out {out} exists; the tokenizer is written to a new file (nothing is overwritten)")
+  src = registry.load(cfg.data)
+  if not isinstance(src, Corpus):
+    raise UserError(f"data.source '{cfg.data.source}' is not a document corpus; a tokenizer trains on documents "
+                    f"(data.source=corpus with data.path=..., or stdlib_text)")
+  tok = tokenizers.train_bpe(documents.train_texts(src, cfg.data), args.vocab_size, out, progress=cfg.train.progress)
+  print(f"[dcmodel] trained a byte-level BPE of {tok.vocab_size} tokens on the training documents of {src.name} "
+        f"into {out} (sha256 {tok.sha256[:12]}); use it with --set data.tokenizer={out}")
+  return 0
+
+
 def cmd_baseline(args) -> int:
   import json
   from dcmodel.baselines import for_experiment
@@ -133,12 +160,17 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-  from dcmodel.data import storage
-  m = storage.ingest(_load_config(args).data, args.out, args.shards)
+  from dcmodel.data import ingest
+  cfg = _load_config(args)
+  m = ingest.ingest(cfg.data, args.out, args.shards, args.workers, progress=cfg.train.progress)
   counts = {s: sum(e["records"] for e in v) for s, v in m["splits"].items()}
-  print(f"[dcmodel] ingested {m['source']} into {args.out}: {counts} records, "
-        f"{sum(len(v) for v in m['splits'].values())} files; train with --set data.source=arrayrecord "
-        f"--set data.options=\"{{'path': '{args.out}'}}\"")
+  what = "documents" if m["kind"] == "tokens" else "records"
+  tokens = ({s: sum(e["tokens"] for e in v) for s, v in m["splits"].items()} if m["kind"] == "tokens" else None)
+  extra = f", {tokens} tokens" if tokens else ""
+  resumed = m.get("ingest", {}).get("resumed_at_document")
+  print(f"[dcmodel] ingested {m['source']} into {args.out}: {counts} {what}{extra}, "
+        f"{sum(len(v) for v in m['splits'].values())} shards" + (f" (resumed at document {resumed})" if resumed else "")
+        + f"; train with --set data.source=arrayrecord --set data.path={args.out}")
   return 0
 
 
@@ -198,7 +230,7 @@ def cmd_generate(args) -> int:
     raise UserError(f"generate needs a gpt experiment; {args.experiment} trains '{cfg.model.name}'")
   trained = load(cfg, args.workdir, args.step)
   prompts = [p.replace("\\n", "\n").replace("\\t", "\t").encode() for p in args.prompt]
-  gen = Generator(trained.graphdef, trained.state, trained.mesh, trained.rules)
+  gen = Generator(trained.placed, trained.state, trained.tokenizer)
   out = gen(prompts, Sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed))
   texts = [t.decode("utf-8", errors="replace") for t in out.texts]
   if args.json:
@@ -246,7 +278,7 @@ def cmd_launch(args) -> int:
   return launch(args.processes, per, ["train", args.experiment, *args.rest])
 
 
-COMMANDS = {"train": cmd_train, "baseline": cmd_baseline, "ingest": cmd_ingest, "inspect": cmd_inspect, "plan": cmd_plan, "bench": cmd_bench, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "baseline": cmd_baseline, "ingest": cmd_ingest, "inspect": cmd_inspect, "plan": cmd_plan, "bench": cmd_bench, "predict": cmd_predict,
             "generate": cmd_generate, "query": cmd_query, "launch": cmd_launch}
 
 

@@ -16,7 +16,10 @@ from flax import nnx
 from conftest import EXPERIMENTS, ROOT, experiment
 from dcmodel.checkpoint import Checkpointer, fingerprint
 from dcmodel.config import CheckpointConfig
+from dcmodel.data import pipeline
+from dcmodel.data.types import InMemory
 from dcmodel.errors import UserError
+from dcmodel.train import state as state_lib
 from dcmodel.train.loop import train
 from dcmodel.train.metrics import read
 
@@ -75,7 +78,7 @@ def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
 
 def _run(tmp_path, name="w", *overrides, hooks=()):
   cfg = experiment("digits_cnn", "train.steps=20", "checkpoint.every_steps=5", "checkpoint.max_to_keep=2", *overrides)
-  return train(cfg, tmp_path / name, hooks=hooks)
+  return train(cfg, tmp_path / name, batch_hooks=hooks)
 
 
 def _largest_file(directory):
@@ -139,14 +142,9 @@ def test_every_checkpoint_damaged_is_an_error_not_a_silent_restart(tmp_path):
 
 def test_retention_keeps_newest_good_while_newer_is_unverified(tmp_path):
   cfg = experiment("digits_cnn")
-  from dcmodel.train.state import abstract_state, init_state
-  from dcmodel.mesh import build_mesh, rules_for
-  mesh = build_mesh(cfg.mesh)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
-    _, target, shardings = abstract_state(cfg, mesh)
-    state = init_state(cfg, shardings)
-  from dcmodel.data import pipeline
-  it = pipeline.train_iterator({"id": np.arange(8), "x": np.zeros((8, 8, 8), np.float32), "y": np.zeros(8, np.int32)},
+  placed = state_lib.place(cfg)
+  target, state = placed.target, placed.init()
+  it = pipeline.train_iterator(InMemory({"id": np.arange(8), "x": np.zeros((8, 8, 8), np.float32), "y": np.zeros(8, np.int32)}),
                                "x", None, 8, 0)
   ckpt = Checkpointer(tmp_path / "c", CheckpointConfig(max_to_keep=1))
   ckpt.save(1, state, it)

@@ -15,17 +15,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dcmodel.data.types import BatchSpec, Field
 from dcmodel.errors import UserError
 from dcmodel.mesh import constrain
-from dcmodel.models.layers import DTYPES, compute_dtype, param_init, zeros
-from dcmodel.models.registry import register
+from dcmodel.models.layers import DTYPES, compute_dtype, label_fields, param_init, zeros
+from dcmodel.models.registry import ModelConfig, register
 
 REMAT = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(ModelConfig):
   vocab_size: int = 256
   max_len: int = 256
   d_model: int = 256
@@ -36,6 +37,8 @@ class TransformerConfig:
   mlp: str = "gelu"                # gelu | swiglu
   norm: str = "layernorm"          # layernorm | rmsnorm
   positions: str = "learned"       # learned | rope
+  rope_theta: float = 10000.0      # RoPE base wavelength (Llama 2: 1e4, Llama 3: 5e5)
+  norm_eps: float = 1e-6           # epsilon of every LayerNorm / RMSNorm (GPT-2: 1e-5)
   tie_embeddings: bool = True
   use_bias: bool = True
   dropout: float = 0.0             # on embeddings and each residual branch, in training only
@@ -69,6 +72,8 @@ class TransformerConfig:
       raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
     if self.positions == "rope" and self.head_dim % 2:
       raise UserError(f"rope needs an even head dimension, got d_model/num_heads={self.head_dim}")
+    if self.rope_theta <= 0 or self.norm_eps <= 0:
+      raise UserError(f"model.rope_theta and model.norm_eps must be > 0, got {self.rope_theta} and {self.norm_eps}")
 
 
 @register("gpt")
@@ -76,8 +81,15 @@ class TransformerConfig:
 class GPTConfig(TransformerConfig):
   task: str = "lm"
 
-  def input_shape(self):
-    return (self.max_len,)
+  def batch_spec(self) -> BatchSpec:
+    """Packed rows of a token stream: inputs, next-token targets, the document each token is in
+    and its position there, and per target its weight (0 across a document boundary or on
+    padding) and UTF-8 bytes (for bits per byte)."""
+    L, ids = (self.max_len,), lambda: Field((self.max_len,), "int32", 0, self.vocab_size)
+    return BatchSpec({"x": ids(), "y": ids(), "segment_ids": Field(L, "int32"),
+                      "positions": Field(L, "int32", 0, self.max_len), "weights": Field(L, "float32"),
+                      "target_bytes": Field(L, "float32"), "mask": Field((), "float32")},
+                     ("x", "segment_ids", "positions"), lm=True)
 
   def make(self, rngs):
     return GPT(self, rngs=rngs)
@@ -89,8 +101,9 @@ class BERTConfig(TransformerConfig):
   num_outputs: int = 10
   task: str = "classification"
 
-  def input_shape(self):
-    return (self.max_len,)
+  def batch_spec(self) -> BatchSpec:
+    return BatchSpec({"x": Field((self.max_len,), "int32", 0, self.vocab_size), **label_fields(self.task, self.num_outputs)},
+                     ("x",))
 
   def make(self, rngs):
     return BERT(self, rngs=rngs)
@@ -99,12 +112,14 @@ class BERTConfig(TransformerConfig):
 def _norm(cfg, rngs):
   scale = nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",))
   if cfg.norm == "rmsnorm":
-    return nnx.RMSNorm(cfg.d_model, scale_init=scale, rngs=rngs)
-  return nnx.LayerNorm(cfg.d_model, scale_init=scale, bias_init=zeros(("embed",)), use_bias=cfg.use_bias, rngs=rngs)
+    return nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, scale_init=scale, rngs=rngs)
+  return nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, scale_init=scale, bias_init=zeros(("embed",)),
+                       use_bias=cfg.use_bias, rngs=rngs)
 
 
 def rope(x, positions, base: float = 10000.0):
-  """Rotary embedding on (..., length, heads, head_dim); positions (length,) or (batch, length)."""
+  """Rotary embedding on (..., length, heads, head_dim); positions (length,) or (batch, length).
+  The rotate-half layout: dimension i pairs with i + head_dim/2 (as Hugging Face's Llama)."""
   half = x.shape[-1] // 2
   freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions[..., None].astype(jnp.float32) * freq                   # (..., length, half)
@@ -157,16 +172,18 @@ class Attention(nnx.Module):
     self.bo = nnx.Param(zeros(("embed",))(rngs.params(), (d,))) if cfg.use_bias else None
     self.cfg = cfg
 
-  def __call__(self, x, causal: bool, positions, dtype, cache: KVCache | None = None):
+  def __call__(self, x, causal: bool, positions, dtype, cache: KVCache | None = None, segment_ids=None):
     cfg = self.cfg
     q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dtype))
     k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dtype))
     v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(dtype))
     if cfg.positions == "rope":
-      q, k = rope(q, positions), rope(k, positions)
+      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     q = constrain(q, ("batch", "act_length", "act_heads", None))
     if cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)          # GQA: k/v heads are shared
+      # Packed rows: a token attends only within its own document (same segment id).
+      mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)   # GQA: k/v heads are shared
     else:
       cache = cache.write(k, v)
       out = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=cache.mask(q.shape[1]))
@@ -207,8 +224,8 @@ class Block(nnx.Module):
     self.norm2, self.mlp = _norm(cfg, rngs), MLP(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, x, causal, positions, dtype, cache: KVCache | None = None, key=None):
-    a = self.attn(self.norm1(x).astype(dtype), causal, positions, dtype, cache)
+  def __call__(self, x, causal, positions, dtype, cache: KVCache | None = None, key=None, segment_ids=None):
+    a = self.attn(self.norm1(x).astype(dtype), causal, positions, dtype, cache, segment_ids)
     if cache is not None:
       a, cache = a
     x = x + _drop(self.dropout, a, key, 0)
@@ -230,17 +247,20 @@ class Trunk(nnx.Module):
     self.final_norm = _norm(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, tokens, causal: bool, dropout_key=None):
+  def __call__(self, tokens, causal: bool, dropout_key=None, segment_ids=None, positions=None):
+    """`segment_ids` and `positions` (batch, length): packed rows, where attention stays inside
+    each document and positions count from each document's start. Without them, one sequence
+    per row at positions 0, 1, ..."""
     cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
-    positions = jnp.arange(tokens.shape[1])
+    positions = jnp.arange(tokens.shape[1]) if positions is None else positions
     keys = [None] * (cfg.num_layers + 1) if dropout_key is None else list(jax.random.split(dropout_key, cfg.num_layers + 1))
     x = _drop(self.dropout, self._embed(tokens, positions, dtype), keys[-1], 0)
     policy = REMAT[cfg.remat]
     for block, key in zip(self.blocks, keys):
       if cfg.remat != "none":
-        x = nnx.remat(lambda b, y, k: b(y, causal, positions, dtype, key=k), policy=policy)(block, x, key)
+        x = nnx.remat(lambda b, y, k: b(y, causal, positions, dtype, key=k, segment_ids=segment_ids), policy=policy)(block, x, key)
       else:
-        x = block(x, causal, positions, dtype, key=key)
+        x = block(x, causal, positions, dtype, key=key, segment_ids=segment_ids)
     return self.final_norm(x)
 
   def _embed(self, tokens, positions, dtype):
@@ -269,8 +289,8 @@ class GPT(nnx.Module):
     self.unembed = (None if cfg.tie_embeddings else
                     nnx.Param(param_init(("embed", "vocab"))(rngs.params(), (cfg.d_model, cfg.vocab_size))))
 
-  def __call__(self, tokens, dropout_key=None):
-    return self._logits(self.trunk(tokens, causal=True, dropout_key=dropout_key))
+  def __call__(self, x, segment_ids=None, positions=None, dropout_key=None):
+    return self._logits(self.trunk(x, causal=True, dropout_key=dropout_key, segment_ids=segment_ids, positions=positions))
 
   def decode(self, tokens, caches: list[KVCache]):
     """(logits of the new tokens, updated caches): the KV-cache path of generation."""
@@ -295,6 +315,6 @@ class BERT(nnx.Module):
     self.head = nnx.Linear(cfg.d_model, cfg.num_outputs, rngs=rngs, dtype=DTYPES[cfg.dtype],
                            kernel_init=param_init(("embed", "classes")), bias_init=zeros(("classes",)))
 
-  def __call__(self, tokens, dropout_key=None):
-    x = self.trunk(tokens, causal=False, dropout_key=dropout_key)
+  def __call__(self, x, dropout_key=None):
+    x = self.trunk(x, causal=False, dropout_key=dropout_key)
     return self.head(x.mean(axis=1, dtype=jnp.float32)).astype(jnp.float32)

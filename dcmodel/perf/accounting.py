@@ -26,7 +26,6 @@ from flax import nnx
 from jax.extend import core as jcore
 
 from dcmodel.config import Config
-from dcmodel.mesh import build_mesh, rules_for
 from dcmodel.train import state as state_lib
 from dcmodel.train import tasks
 
@@ -138,23 +137,20 @@ def loss_fn_and_args(cfg: Config):
   """(loss(params, batch), abstract params, abstract batch, abstract optimizer state) of `cfg`'s
   model on one global batch, laid out on one device (accounting is layout-free). Convolutions are
   XLA's: the model's own FLOPs, not the padding zeros the matmul form also multiplies."""
-  from dcmodel.inspect import abstract_batch
   if getattr(cfg.model, "conv", "xla") != "xla":
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conv="xla"))
-  one = dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1, stage=1)
-  mesh = build_mesh(one, jax.devices()[:1])
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(one, mesh)):
-    graphdef, target, _ = state_lib.abstract_state(cfg, mesh)
-  model, opt = nnx.merge(graphdef, target)
+  one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1, stage=1))
+  placed = state_lib.place(one, jax.devices()[:1])
+  model, opt = nnx.merge(placed.graphdef, placed.target)
   gdef, params, rest = nnx.split(model, nnx.Param, ...)
   strip = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
   task = tasks.get(cfg.model.task)
-  inputs = getattr(cfg.model, "inputs", ("x",))
+  inputs = cfg.model.batch_spec().inputs
 
   def loss(p, batch):
-    return task(nnx.merge(gdef, p, rest)(*[batch[k] for k in inputs]), batch)[0]
+    return task(nnx.merge(gdef, p, rest)(**{k: batch[k] for k in inputs}), batch)[0]
 
-  return loss, strip(params), strip(abstract_batch(cfg, None)), strip(nnx.state(opt))
+  return loss, strip(params), strip(state_lib.abstract_batch(cfg)), strip(nnx.state(opt))
 
 
 def nbytes(tree) -> int:
