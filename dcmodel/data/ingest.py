@@ -31,6 +31,7 @@ from dcmodel.data.registry import Corpus, Table
 from dcmodel.data.sources.stored import MANIFEST, encode, read_manifest, sha256
 from dcmodel.data.types import CorpusReport
 from dcmodel.errors import UserError
+from dcmodel.resources import check_count, cpu_count
 
 CHUNK_BYTES = 64 * 2 ** 20      # text per committed chunk: what a kill can cost
 BATCH_DOCS = 256                # documents per worker task
@@ -74,6 +75,8 @@ def ingest_table(src: Table, cfg: DataConfig, out: Path, shards: int) -> dict:
   if (out / MANIFEST).exists():
     raise UserError(f"{out} already holds an ingested data set ({MANIFEST}); pick another directory")
   ds = Dataset.from_table(src, cfg, spec=None)
+  train_rows = len(ds.splits["train"].cols["id"])
+  check_count("--shards", shards, 1, train_rows, f"one file per shard; the training split has {train_rows} rows")
   out.mkdir(parents=True, exist_ok=True)
   files = {}
   for split, rows in ds.splits.items():
@@ -163,6 +166,8 @@ def _identity(src: Corpus, cfg: DataConfig, tok) -> dict:
 
 
 def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, chunk_bytes: int, progress: bool) -> dict:
+  workers = workers if workers is not None else cpu_count()
+  check_count("--workers", workers, 1, cpu_count(), "tokenizer processes; more than this machine's cores only adds memory")
   tok = tokenizers.load(cfg.tokenizer)
   identity = _identity(src, cfg, tok)
   out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +193,6 @@ def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, 
                 "position": 0, "chunks": 0, "complete": False}
   start, resumed_at = manifest["position"], manifest["position"]
   token_dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.int32
-  workers = workers if workers is not None else (os.cpu_count() or 1)
   pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=_worker_init, initargs=(cfg.tokenizer,))
           if workers > 1 else None)

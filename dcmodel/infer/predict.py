@@ -8,6 +8,7 @@ training run's evaluation of the same checkpoint.
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from dcmodel import config as config_lib
+from dcmodel import resources
 from dcmodel.config import Config
 from dcmodel.data import pipeline
 from dcmodel.data.dataset import Dataset
@@ -44,9 +46,14 @@ def predict(cfg: Config, workdir, out: str, split: str = "test", step: int | Non
   if cfg.model.task not in tasks.ROWS:
     raise UserError(f"predict serves classifiers and the recommender; {cfg.model.name} is a '{cfg.model.task}' model "
                     f"(for gpt use dcmodel generate)")
+  results_lib.check_out(out)
   spec = cfg.model.batch_spec()
-  dataset = Dataset.load(cfg.data, spec)        # cleaning and the normalizer fitted on train, as in training
   batch = batch_size or cfg.data.eval_batch_size
+  resources.check_count("--batch-size", batch, 1)
+  example_bytes = sum(math.prod(f.shape) * np.dtype(f.dtype).itemsize for f in spec.fields.values())
+  resources.check_host_memory(3 * batch * example_bytes, f"--batch-size {batch} (a batch read, on the devices and "
+                              f"its outputs)", "use a smaller --batch-size")
+  dataset = Dataset.load(cfg.data, spec)        # cleaning and the normalizer fitted on train, as in training
   batches = dataset.eval_batches(split, batch)
   n = len(dataset.splits[split])
   if n == 0:
