@@ -66,8 +66,10 @@ class JsonlSink:
 class TensorBoardSink:
   def __init__(self, logdir: Path, resumed_at: int | None = None):
     tbx = _import_tensorboardx()
-    # flush_secs: event files reach the disk within 10 s (TensorBoard polls); close() flushes the rest
-    self._writer = tbx.SummaryWriter(str(logdir), purge_step=resumed_at, flush_secs=10)
+    # flush_secs: event files reach the disk within 10 s (TensorBoard polls); close() flushes the rest.
+    # purge_step hides the events at or past it that earlier files hold: the steps past the checkpoint.
+    self._writer = tbx.SummaryWriter(str(logdir), purge_step=None if resumed_at is None else resumed_at + 1,
+                                     flush_secs=10)
 
   def write(self, record: dict) -> None:
     if record.get("split") == "run":
