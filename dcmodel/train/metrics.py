@@ -14,6 +14,7 @@ what the crashed run logged past S: `read` drops those records, and TensorBoard 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -79,7 +80,22 @@ class TensorBoardSink:
         self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"], walltime=record.get("time"))
 
   def close(self) -> None:
-    self._writer.close()
+    try:
+      self._writer.close()
+    except OSError as e:      # e.g. the disk filled up: metrics.jsonl has the records; say so once
+      print(f"dcmodel: warning: TensorBoard events could not be flushed to {self._writer.logdir}: {e.strerror}", flush=True)
+      _abandon(getattr(getattr(self._writer, "file_writer", None), "event_writer", None))
+
+
+def _abandon(events) -> None:
+  """Finish what tensorboardX's EventFileWriter.close() left undone when its flush failed (its
+  writer thread and queue), and mark it closed, so it does not retry (and fail again) at exit."""
+  if events is None:
+    return
+  for finish in (lambda: events._worker.stop(), lambda: events._ev_writer.close(), lambda: events._event_queue.close()):
+    with contextlib.suppress(Exception):
+      finish()
+  events._closed = True
 
 
 class MetricsWriter:
