@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 import subprocess
+import time
 import sys
 import tempfile
 from pathlib import Path
@@ -50,13 +51,19 @@ def child(case: str) -> dict:
   from dcmodel.train.loop import train
   sets = ["train.progress=false", *(PEER if case.startswith("peer") else []), *overrides]
   cfg = experiment.load(Path.cwd() / "experiments" / f"{experiment_name}.py", sets)
+  # CPU seconds of this process per step, from the first metrics window to the last call: less
+  # moved than wall time by other work on a shared machine (it counts what this run did).
+  first, last = cfg.train.log_every, cfg.train.steps - cfg.train.steps_per_dispatch
+  cpu = {}
+  mark = lambda step, batch: cpu.setdefault(step, time.process_time()) if step in (first, last) else None
   with tempfile.TemporaryDirectory() as work:
-    train(cfg, work, devices=jax.devices()[:devices])
+    train(cfg, work, batch_hooks=(mark,), devices=jax.devices()[:devices])
     records = [json.loads(line) for line in (Path(work) / "metrics.jsonl").read_text().splitlines() if line.strip()]
   logs = [r for r in records if r.get("split") == "train"]
   steps = logs[-1]["step"] - logs[0]["step"]
   seconds = logs[-1]["time"] - logs[0]["time"]
   return {"steps_per_s": steps / seconds, "examples_per_s": steps * cfg.data.global_batch_size / seconds,
+          "cpu_us_per_step": (cpu[last] - cpu[first]) / (last - first) * 1e6,
           "dcmodel": str(Path(sys.modules["dcmodel"].__file__).parent)}
 
 
@@ -94,13 +101,15 @@ def main(argv=None) -> int:
     for case in cases:           # untimed: the calibration this tree caches once per host, and a warm start
       measure(ROOT, case, cache)
     runs = {c: {t: [] for t in trees} for c in cases}
+    cpu = {c: {t: [] for t in trees} for c in cases}
     for r in range(args.rounds):
       for case in cases:
         for name in (["base", "this"] if r % 2 == 0 else ["this", "base"]):
           got = measure(trees[name], case, cache)
           key = "steps_per_s" if case == "quickstart" else "examples_per_s"
           runs[case][name].append(got[key])
-          print(f"round {r + 1} {case:10s} {name:4s} {key} {got[key]:10.1f}", flush=True)
+          cpu[case][name].append(got["cpu_us_per_step"])
+          print(f"round {r + 1} {case:10s} {name:4s} {key} {got[key]:10.1f}  CPU {got['cpu_us_per_step']:8.1f} us/step", flush=True)
   rows = {}
   for case in cases:
     b, t = runs[case]["base"], runs[case]["this"]
@@ -108,10 +117,12 @@ def main(argv=None) -> int:
     rows[case] = {"metric": "steps_per_s" if case == "quickstart" else "examples_per_s", "base": b, "this": t,
                   "base_median": statistics.median(b), "this_median": statistics.median(t),
                   "ratio_of_medians": statistics.median(t) / statistics.median(b), "round_ratios": ratios,
-                  "base_spread": (max(b) - min(b)) / statistics.median(b), "this_spread": (max(t) - min(t)) / statistics.median(t)}
+                  "base_spread": (max(b) - min(b)) / statistics.median(b), "this_spread": (max(t) - min(t)) / statistics.median(t),
+                  "cpu_us_per_step": cpu[case], "cpu_ratio_of_medians": statistics.median(cpu[case]["this"]) / statistics.median(cpu[case]["base"])}
     print(f"{case:10s} {rows[case]['metric']}: base {rows[case]['base_median']:.1f} (spread {rows[case]['base_spread']:.0%}), "
           f"this {rows[case]['this_median']:.1f} (spread {rows[case]['this_spread']:.0%}): "
-          f"ratio {rows[case]['ratio_of_medians']:.3f}, per round {', '.join(f'{x:.2f}' for x in ratios)}", flush=True)
+          f"ratio {rows[case]['ratio_of_medians']:.3f}, per round {', '.join(f'{x:.2f}' for x in ratios)}; "
+          f"CPU per step this/base {rows[case]['cpu_ratio_of_medians']:.3f}", flush=True)
   from benchmarks.common import write
   write("hot_path", {"base_commit": args.base, "rounds": args.rounds, "cases": rows})
   return 0

@@ -69,14 +69,20 @@ def _first_line(e: BaseException) -> str:
 
 
 def raised_in_user_file(e: BaseException) -> str | None:
-  """'experiment file F, line N' when `e` was raised from the code of a loaded experiment file
-  (the innermost such frame), else None."""
-  where, tb = None, e.__traceback__
-  while tb is not None:
-    if tb.tb_frame.f_code.co_filename in USER_FILES:
-      where = f"experiment file {tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno}"
-    tb = tb.tb_next
-  return where
+  """'experiment file F, line N' when `e` (or an exception it was raised from, e.g. in a data
+  loader's thread) came from the code of a loaded experiment file (the innermost such frame)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    where, tb = None, e.__traceback__
+    while tb is not None:
+      if tb.tb_frame.f_code.co_filename in USER_FILES:
+        where = f"experiment file {tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno}"
+      tb = tb.tb_next
+    if where:
+      return where
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def describe_user_error(e: BaseException) -> str | None:

@@ -141,7 +141,7 @@ def check_own_workdir(workdir: Path) -> None:
       raise UserError(f"--workdir {workdir} holds a config.json that is not a dcmodel run's; pick another --workdir")
     return
   foreign = sorted(p.name for p in workdir.iterdir()
-                   if p.name not in RUN_FILES and not p.name.startswith(("events.out.tfevents", ".dcmodel-write-probe")))
+                   if p.name not in RUN_FILES and not p.name.startswith(("events.out.tfevents", ".")))   # dotfiles: .DS_Store, .nfs*
   if foreign:
     raise UserError(f"--workdir {workdir} holds files that are not a dcmodel run's ({', '.join(foreign[:3])}"
                     f"{', ...' if len(foreign) > 3 else ''}); training writes config.json, metrics.jsonl and "
