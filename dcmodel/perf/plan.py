@@ -1,8 +1,10 @@
 """`dcmodel plan`: for a model on a target system, the candidate meshes ranked by predicted step
-time, with memory per device, MFU, the bottleneck and why; then the documents' two
-optimization models applied to the best layout: its data-parallel replicas placed on hosts
-(resource allocation, MILP) and each step's input routed from storage to the hosts (min-cost
-flow), with the utilization and transfer time they achieve.
+time, each with its step split into compute, recompute, memory-bound work, exposed
+communication and pipeline bubble (they sum to the step), memory per device, MFU, the
+bottleneck and why; then the documents' two optimization models applied to the best layout:
+its data-parallel replicas placed on hosts (resource allocation, MILP) and each step's input
+routed from storage to the hosts (min-cost flow), with the utilization and transfer time they
+achieve. `mesh` names one layout to evaluate instead of searching (e.g. a published run's).
 """
 
 from __future__ import annotations
@@ -12,21 +14,58 @@ import numpy as np
 from dcmodel.config import Config
 from dcmodel.errors import UserError
 from dcmodel.perf import hardware, optimize
-from dcmodel.perf.accounting import account
-from dcmodel.perf.layouts import candidate_layouts, comm_bound_thresholds, predict_on_chip
+from dcmodel.perf.accounting import account, transformer_accounting
+from dcmodel.perf.layouts import AXES, Layout, candidate_layouts, comm_bound_thresholds, predict
 
 
-def plan(cfg: Config, hardware_name: str, chips: int, chips_per_host: int | None = None, compression: str = "none") -> dict:
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,fsdp=256,model=12,stage=1' -> sizes (axes left out are 1)."""
+  sizes = {a: 1 for a in AXES}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = part.partition("=")
+    if name not in sizes or not value.isdigit() or int(value) < 1:
+      raise UserError(f"--mesh '{part}': expected AXIS=N with AXIS one of {', '.join(AXES)} and N >= 1")
+    sizes[name] = int(value)
+  return sizes
+
+
+def named_layout(mesh: dict[str, int], chips: int, batch: int, microbatches: int | None, interleave: int) -> Layout:
+  """The layout a user names; a pipelined one defaults to one sequence per microbatch."""
+  layout = Layout(**mesh)
+  if layout.devices != chips:
+    raise UserError(f"--mesh uses {layout.devices} chips ({layout.name()}) but --chips is {chips}")
+  if batch % layout.replicas:
+    raise UserError(f"data.global_batch_size={batch} does not split over data x fsdp = {layout.replicas}")
+  per_replica = batch // layout.replicas
+  m = microbatches or (per_replica if layout.stage > 1 else 1)
+  if per_replica % m:
+    raise UserError(f"--microbatches {m} does not divide the {per_replica} sequences each data x fsdp replica gets")
+  if interleave > 1 and (layout.stage == 1 or m % layout.stage):
+    raise UserError(f"--interleave {interleave} needs a pipeline (stage > 1) and microbatches divisible by stage={layout.stage}")
+  return Layout(layout.data, layout.fsdp, layout.model, layout.stage, m, interleave)
+
+
+def accounting_for(cfg: Config):
+  """Transformers from the closed forms (equal to the traced count, and instant at any size);
+  every other model from its jaxpr."""
+  if cfg.model.name in ("gpt", "bert"):
+    return transformer_accounting(cfg.model, cfg.data.global_batch_size)
+  return account(cfg)
+
+
+def plan(cfg: Config, hardware_name: str, chips: int, chips_per_host: int | None = None, compression: str = "none",
+         mesh: dict[str, int] | None = None, microbatches: int | None = None, interleave: int = 1,
+         attention: str = "dense") -> dict:
   chip = hardware.get(hardware_name)
   if chips < 1:
     raise UserError(f"--chips must be >= 1, got {chips}")
-  acc = account(cfg)
+  acc = accounting_for(cfg)
   batch = cfg.data.global_batch_size
+  layouts = ([named_layout(mesh, chips, batch, microbatches, interleave)] if mesh
+             else candidate_layouts(chips, cfg.model, batch))
   rows = []
-  for layout in candidate_layouts(chips, cfg.model):
-    if batch % (layout.data * layout.fsdp):
-      continue
-    p = predict_on_chip(acc, cfg.model, layout, chip, compression=compression)
+  for layout in layouts:
+    p = predict(acc, cfg.model, layout, chip, compression=compression, attention=attention)
     rows.append({**p.as_dict(), "fits": p.memory_per_device_bytes <= chip.hbm_bytes,
                  "predicted_step_s": p.step_s, "memory_per_device_bytes": p.memory_per_device_bytes})
   if not rows:
@@ -34,8 +73,9 @@ def plan(cfg: Config, hardware_name: str, chips: int, chips_per_host: int | None
   rows.sort(key=lambda r: (not r["fits"], r["predicted_step_s"]))
   best = rows[0]
   out = {"model": cfg.model.name, "hardware": chip.name, "hardware_source": chip.source, "chips": chips,
-         "params": acc.params, "flops_per_step": acc.flops_per_step, "tokens_per_step": acc.tokens_per_step,
-         "global_batch_size": batch, "gradient_compression": compression, "best": best["layout"], "memory_per_device_bytes": best["memory_per_device_bytes"],
+         "params": acc.params, "flops_per_step": acc.flops_per_step, "flops_recompute": acc.flops_recompute,
+         "tokens_per_step": acc.tokens_per_step, "global_batch_size": batch, "gradient_compression": compression,
+         "attention": attention, "best": best["layout"], "memory_per_device_bytes": best["memory_per_device_bytes"],
          "predicted_step_s": best["predicted_step_s"], "mfu": best["mfu"], "bottleneck": best["bottleneck"],
          "fits": best["fits"], "thresholds": comm_bound_thresholds(chip, cfg.model), "candidates": rows}
   out["placement"] = _place_and_route(acc, best, chip, chips, chips_per_host or (4 if chip.name.startswith("tpu") else 8), cfg)
@@ -49,7 +89,7 @@ def _place_and_route(acc, best: dict, chip, chips: int, per_host: int, cfg: Conf
   to the hosts over data-center-network links (capacity = the chips' DCN bandwidth, cost =
   hops); the min-cost flow routes it and gives the time per step."""
   hosts = max(chips // per_host, 1)
-  replica_chips = best["mesh"]["fsdp"] * best["mesh"]["model"]
+  replica_chips = best["mesh"]["fsdp"] * best["mesh"]["model"] * best["mesh"]["stage"]
   replicas = best["mesh"]["data"]
   demand = np.full(replicas, best["memory_per_device_bytes"] * replica_chips)
   capacity = np.full(hosts, chip.hbm_bytes * per_host)
@@ -81,13 +121,22 @@ def _place_and_route(acc, best: dict, chip, chips: int, per_host: int, cfg: Conf
 def render(out: dict) -> str:
   gib = lambda b: f"{b / 2**30:.1f} GiB"
   lines = [f"{out['model']}: {out['params']:,} params, {out['flops_per_step']:.3e} FLOPs/step "
-           f"({out['tokens_per_step']:,} tokens), on {out['chips']} x {out['hardware']}",
-           f"{'mesh':24s} {'step':>9s} {'MFU':>5s} {'mem/device':>11s} fits  bottleneck: why"]
+           f"({out['tokens_per_step']:,} tokens; remat recomputes {out['flops_recompute']:.3e} more), "
+           f"on {out['chips']} x {out['hardware']}, attention {out['attention']}",
+           "step = compute + recompute + memory-bound + exposed comm + bubble (seconds)",
+           f"{'mesh':34s} {'step':>8s} {'MFU':>5s} {'compute':>8s} {'recomp':>7s} {'memory':>7s} {'comm':>7s} {'bubble':>7s} "
+           f"{'mem/device':>11s} fits  bottleneck: why"]
   for r in out["candidates"][:12]:
-    lines.append(f"{r['layout']:24s} {r['predicted_step_s']:8.3f}s {r['mfu']:5.0%} {gib(r['memory_per_device_bytes']):>11s} "
+    lines.append(f"{r['layout']:34s} {r['predicted_step_s']:7.3f}s {r['mfu']:5.0%} {r['compute_s']:8.3f} {r['recompute_s']:7.3f} "
+                 f"{r['memory_s']:7.3f} {r['exposed_comm_s']:7.3f} {r['bubble_s']:7.3f} {gib(r['memory_per_device_bytes']):>11s} "
                  f"{'yes ' if r['fits'] else 'NO  '}  {r['bottleneck']}: {r['why']}")
   if len(out["candidates"]) > 12:
     lines.append(f"... {len(out['candidates']) - 12} more (--json for all)")
+  best = out["candidates"][0]
+  shown = {k: v for k, v in best["exposed_s"].items() if best["comm_s"][k]}
+  if shown:
+    lines.append("best layout's collectives, exposed / total: " + ", ".join(
+        f"{k} {1e3 * v:.1f}/{1e3 * best['comm_s'][k]:.1f} ms" for k, v in shown.items()))
   pl = out["placement"]
   lines.append(f"placement: {pl['replicas_placed']}/{pl['replicas']} replica pieces on {pl['hosts']} hosts "
                f"(HBM use per host {min(pl['host_hbm_utilization']):.0%}-{max(pl['host_hbm_utilization']):.0%}); "
@@ -97,4 +146,3 @@ def render(out: dict) -> str:
   lines.append(f"comm-bound below {th['min_tokens_per_device_dp_fsdp']:.0f} tokens/device for DP/FSDP; "
                f"TP stays compute-bound up to model={th['max_model_axis_tp']}")
   return "\n".join(lines)
-
