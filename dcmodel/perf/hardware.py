@@ -109,7 +109,8 @@ def from_calibration(cal) -> Chip:
   and its shape curve, the bandwidth of writing fresh buffers, each collective's fitted
   alpha-beta. The devices share the cores, so nothing overlaps; matmul operands stream from
   cache (the fitted curve already holds what they cost)."""
-  n = cal.devices
+  n, half = cal.devices, cal.matmul_half_dim
+  # the curve is 1 at the calibration's wide matmuls (calibrate.SHAPE_DEPTH = 1024), where the peak was measured
   return Chip("host", cal.matmul_flops / n, math.inf, cal.mem_bw / n, math.inf, math.inf, f"calibrated ({cal.platform})",
-              achievable=1.0, matmul_half_dim=getattr(cal, "matmul_half_dim", 0.0), hbm_efficiency=1.0, link_efficiency=1.0,
+              achievable=(1024 + half) / 1024, matmul_half_dim=half, hbm_efficiency=1.0, link_efficiency=1.0,
               domain=n, operand_bw=math.inf, overlap=False, collectives=cal.collectives)
