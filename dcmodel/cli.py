@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                   help="microbatches per step and replica (default: 1, or one sequence each when pipelined)")
   pl.add_argument("--interleave", type=int, default=1, help="model chunks per pipeline stage (interleaved 1F1B)")
   pl.add_argument("--attention", default="dense", choices=("dense", "dense-dropout", "flash"),
-                  help="dense: the T x T scores go through HBM (dcmodel's model); flash: a fused kernel keeps them on chip")
+                  help="dense: the T x T scores go through HBM (dcmodel's model); dense-dropout: and dropout on "
+                       "them (Megatron's GPT); flash: a fused kernel keeps them on chip")
   pl.add_argument("--json", action="store_true")
 
   be = sub.add_parser("bench", help="run the benchmark suite (from a source checkout): predicted vs measured")

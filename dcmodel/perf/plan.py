@@ -69,7 +69,8 @@ def plan(cfg: Config, hardware_name: str, chips: int, chips_per_host: int | None
     rows.append({**p.as_dict(), "fits": p.memory_per_device_bytes <= chip.hbm_bytes,
                  "predicted_step_s": p.step_s, "memory_per_device_bytes": p.memory_per_device_bytes})
   if not rows:
-    raise UserError(f"no mesh of {chips} chips splits data.global_batch_size={batch}; use a batch divisible by the data axes")
+    raise UserError(f"no mesh of {chips} chips fits this model and batch: data x fsdp must divide data.global_batch_size={batch}, "
+                    f"model the heads and d_ff, stage at most the layers; change --chips or the batch")
   rows.sort(key=lambda r: (not r["fits"], r["predicted_step_s"]))
   best = rows[0]
   out = {"model": cfg.model.name, "hardware": chip.name, "hardware_source": chip.source, "chips": chips,
@@ -118,18 +119,22 @@ def _place_and_route(acc, best: dict, chip, chips: int, per_host: int, cfg: Conf
           "input_link_utilization": flow.bottleneck_utilization}
 
 
+def _seconds(x: float) -> str:
+  return f"{x:.3f}s" if x >= 1 else f"{1e3 * x:.2f}ms" if x >= 1e-3 else f"{1e6 * x:.1f}us"
+
+
 def render(out: dict) -> str:
   gib = lambda b: f"{b / 2**30:.1f} GiB"
   lines = [f"{out['model']}: {out['params']:,} params, {out['flops_per_step']:.3e} FLOPs/step "
            f"({out['tokens_per_step']:,} tokens; remat recomputes {out['flops_recompute']:.3e} more), "
            f"on {out['chips']} x {out['hardware']}, attention {out['attention']}",
-           "step = compute + recompute + memory-bound + exposed comm + bubble (seconds)",
-           f"{'mesh':34s} {'step':>8s} {'MFU':>5s} {'compute':>8s} {'recomp':>7s} {'memory':>7s} {'comm':>7s} {'bubble':>7s} "
+           "step = compute + recompute + memory-bound + exposed comm + bubble",
+           f"{'mesh':34s} {'step':>9s} {'MFU':>5s} {'compute':>9s} {'recomp':>9s} {'memory':>9s} {'comm':>9s} {'bubble':>9s} "
            f"{'mem/device':>11s} fits  bottleneck: why"]
   for r in out["candidates"][:12]:
-    lines.append(f"{r['layout']:34s} {r['predicted_step_s']:7.3f}s {r['mfu']:5.0%} {r['compute_s']:8.3f} {r['recompute_s']:7.3f} "
-                 f"{r['memory_s']:7.3f} {r['exposed_comm_s']:7.3f} {r['bubble_s']:7.3f} {gib(r['memory_per_device_bytes']):>11s} "
-                 f"{'yes ' if r['fits'] else 'NO  '}  {r['bottleneck']}: {r['why']}")
+    parts = " ".join(f"{_seconds(r[k]):>9s}" for k in ("compute_s", "recompute_s", "memory_s", "exposed_comm_s", "bubble_s"))
+    lines.append(f"{r['layout']:34s} {_seconds(r['predicted_step_s']):>9s} {r['mfu']:5.0%} {parts} "
+                 f"{gib(r['memory_per_device_bytes']):>11s} {'yes ' if r['fits'] else 'NO  '}  {r['bottleneck']}: {r['why']}")
   if len(out["candidates"]) > 12:
     lines.append(f"... {len(out['candidates']) - 12} more (--json for all)")
   best = out["candidates"][0]
