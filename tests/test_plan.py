@@ -111,6 +111,7 @@ def test_axes_leaving_the_fast_domain_use_the_network():
   assert v5e.axis_bandwidth(256, 1) == pytest.approx(2 * 4.5e10 * 2 * 0.8)    # a 16x16 torus: two rings of 2 links
   assert v5e.axis_bandwidth(16, 1) == pytest.approx(2 * 4.5e10 * 0.8)
   assert v5e.axis_bandwidth(32, 256) == pytest.approx(3.125e9 * 0.8)         # data across 32 slices: one chip per slice
+  assert v5e.axis_bandwidth(512, 1) == pytest.approx(2 * 4.5e10 * 2 * 0.8)   # 256 per slice pool 800 GB/s of DCN: ICI-bound
   a100 = hardware.get("a100")                      # DGX A100: 8 GPUs on NVSwitch, 8 x 25 GB/s InfiniBand
   assert a100.axis_bandwidth(8, 1) == pytest.approx(3e11 * 0.8)
   assert a100.axis_bandwidth(32, 1) == pytest.approx(8 * 25e9 * 0.8)         # 8 members per node pool the node's rails
@@ -158,3 +159,14 @@ def test_named_layouts_and_their_errors():
   best = out["candidates"][0]
   assert best["predicted_step_s"] == pytest.approx(best["compute_s"] + best["recompute_s"] + best["memory_s"]
                                                    + best["exposed_comm_s"] + best["bubble_s"])
+
+
+def test_plan_at_thousands_of_chips():
+  # 6144 chips: hundreds of candidates, 1536 hosts; the placement MILP is solved on a block of alike hosts
+  cfg = experiment("stdlib_gpt", "model.d_model=18432", "model.num_layers=118", "model.num_heads=48", "model.num_kv_heads=1",
+                   "model.d_ff=73728", "model.mlp=swiglu", "model.vocab_size=256000", "model.max_len=2048",
+                   "model.dtype=bfloat16", "model.remat=block", "data.global_batch_size=2048")
+  out = plan(cfg, "tpu-v4", 6144)
+  assert out["fits"] and len(out["candidates"]) > 300
+  assert out["placement"]["hosts"] == 1536 and out["placement"]["replicas_placed"] == out["placement"]["replicas"]
+  assert {c["mesh"]["model"] for c in out["candidates"]} >= {3, 6, 12}

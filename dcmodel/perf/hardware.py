@@ -69,7 +69,8 @@ class Chip:
     Inside the fast domain: a switch gives each GPU its link; a torus gives each axis a
     bidirectional ring per physical dimension it spans (SB sharding.md:326-336). An axis that
     leaves the domain crosses the data-center network: its k members per domain pool their
-    network ports, so k x dcn_bw (a DGX node's 8 rails; one slice's chips on DCN)."""
+    network ports, so k x dcn_bw (a DGX node's 8 rails; one slice's chips on DCN), unless the
+    k-way in-domain phase is slower."""
     if size <= 1:
       return math.inf
     if inner * size <= self.domain:
@@ -78,8 +79,9 @@ class Chip:
       side = round(self.domain ** (1 / self.torus_dims))
       spans = min(self.torus_dims, max(1, math.ceil(math.log(size) / math.log(side) - 1e-9)))
       return 2 * self.link_bw * spans * self.link_efficiency
-    per_domain = max(1, self.domain // inner) if inner < self.domain else 1
-    return min(per_domain, size) * self.dcn_bw * self.link_efficiency
+    per_domain = min(max(1, self.domain // inner), size)
+    # hierarchical: the network phase at the pooled ports, the in-domain phase at ICI; the slower one sets the pace
+    return min(per_domain * self.dcn_bw * self.link_efficiency, self.axis_bandwidth(per_domain, inner))
 
 
 CATALOG = {c.name: c for c in [

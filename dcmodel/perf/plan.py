@@ -9,6 +9,8 @@ achieve. `mesh` names one layout to evaluate instead of searching (e.g. a publis
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dcmodel.config import Config
@@ -97,7 +99,13 @@ def _place_and_route(acc, best: dict, chip, chips: int, per_host: int, cfg: Conf
   if replica_chips > per_host:   # a replica spans hosts: allocate per host-sized piece
     pieces = replica_chips // per_host
     demand = np.full(replicas * pieces, best["memory_per_device_bytes"] * per_host)
-  alloc = optimize.allocate(capacity, demand, integral=True)
+  # Hosts are alike and so are the pieces: the placement of one block of hosts/k hosts and
+  # pieces/k pieces, repeated k times, is optimal for the whole; k keeps the MILP small
+  # (thousands of hosts would need a dense matrix of hosts x pieces x hosts).
+  k = _block_count(len(capacity), len(demand))
+  block = optimize.allocate(capacity[: len(capacity) // k], demand[: len(demand) // k], integral=True)
+  alloc = optimize.Allocation(np.tile(block.x, (k, 1)), block.allocated * k, np.tile(block.utilization, k),
+                              np.tile(block.placed, k))
   input_bytes = acc.examples_per_step * int(np.prod(cfg.model.input_shape())) * 4
   # nodes: 0 storage, 1-2 spines, 3.. hosts
   n = 3 + hosts
@@ -107,16 +115,28 @@ def _place_and_route(acc, best: dict, chip, chips: int, per_host: int, cfg: Conf
     for h in range(hosts):
       edges.append((s, 3 + h)), cost.append(1.0 + (h % 2 != s - 1)), cap.append(chip.dcn_bw * per_host)
   rate = float(input_bytes)                                  # bytes per step, routed as a rate per second
+  # solved in units of the whole rate, no link above it (none can carry more): link capacities
+  # of 1e13 B/s beside per-host flows of 1e4 B/s are beyond the LP solver's tolerances
   supply = np.zeros(n)
-  supply[0] = rate
-  supply[3:] = -rate / hosts
-  flow = optimize.min_cost_flow(n, edges, cost, cap, supply)
+  supply[0] = 1.0
+  supply[3:] = -1.0 / hosts
+  cap = np.asarray(cap)
+  flow = optimize.min_cost_flow(n, edges, cost, np.minimum(cap / rate, 1.0), supply)
+  busiest = float(np.max(flow.flow * rate / cap))
   return {"hosts": hosts, "chips_per_host": per_host, "replicas_placed": int((alloc.placed >= 0).sum()),
           "replicas": int(len(demand)), "host_hbm_utilization": alloc.utilization.round(3).tolist(),
           "input_bytes_per_step": input_bytes,
-          "input_transfer_s": optimize.transfer_time_s(input_bytes, rate / flow.bottleneck_utilization)
-          if flow.bottleneck_utilization > 0 else 0.0,
-          "input_link_utilization": flow.bottleneck_utilization}
+          "input_transfer_s": optimize.transfer_time_s(input_bytes, rate / busiest) if busiest > 0 else 0.0,
+          "input_link_utilization": busiest}
+
+
+def _block_count(hosts: int, pieces: int, limit: int = 4096) -> int:
+  """The fewest equal blocks that split both hosts and pieces with at most `limit` host x piece pairs each."""
+  common = math.gcd(hosts, pieces)
+  for k in range(1, common + 1):
+    if common % k == 0 and (hosts // k) * (pieces // k) <= limit:
+      return k
+  return common
 
 
 def _seconds(x: float) -> str:
