@@ -11,7 +11,7 @@ from benchmarks import published_runs
 from dcmodel import models
 from dcmodel.errors import UserError
 from dcmodel.perf import hardware
-from dcmodel.perf.accounting import account, megatron_flops, transformer_accounting
+from dcmodel.perf.accounting import account, megatron_flops, transformer_accounting, transformer_saved_bytes
 from dcmodel.perf.layouts import Layout, candidate_layouts, predict
 from dcmodel.perf.plan import named_layout, parse_mesh, plan
 
@@ -32,6 +32,8 @@ def test_recompute_counted_from_the_jaxpr_equals_the_closed_form(remat):
   assert acc.flops_recompute == recompute
   closed = transformer_accounting(cfg.model, 64)
   assert (closed.params, closed.flops_per_step, closed.flops_recompute) == (acc.params, acc.flops_per_step, recompute)
+  # what plan uses for memory: 2 and 3 layers on 1 and 2 sequences traced, solved for 4 layers x 64
+  assert transformer_saved_bytes(cfg) == acc.activation_bytes
 
 
 def test_remat_block_predicts_four_thirds_of_the_compute_and_mfu_leaves_it_out():

@@ -195,11 +195,34 @@ def _walk_step(cfg: Config, found: list | None = None):
           (loss, params, batch, opt_state), closed.jaxpr)
 
 
+def _saved_bytes(loss, params, batch) -> int:
+  """Bytes of what jax.grad keeps for the backward pass (remat-aware), inputs left out."""
+  from jax._src.ad_checkpoint import saved_residuals
+  return int(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a, why in saved_residuals(loss, params, batch)
+                 if "argument" not in str(why)))
+
+
+def transformer_saved_bytes(cfg: Config) -> int:
+  """What jax.grad keeps for `cfg`'s transformer, one global batch, from four traces of 2 or 3
+  layers on 1 or 2 sequences (a second each at any width). The saved bytes are c0 + cL L +
+  b (a0 + aL L): per layer and per sequence, plus what does not grow with the batch (weights
+  cast to the compute dtype); not 1 layer, whose input is the embedding's own output."""
+  def f(layers: int, batch: int) -> int:
+    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=layers),
+                            data=dataclasses.replace(cfg.data, global_batch_size=batch))
+    return _saved_bytes(*loss_fn_and_args(c)[:3])
+  f21, f31, f22, f32 = f(2, 1), f(3, 1), f(2, 2), f(3, 2)
+  a_layer = (f32 - f22) - (f31 - f21)
+  c_layer = (f31 - f21) - a_layer
+  a0 = (f22 - f21) - 2 * a_layer
+  c0 = f21 - 2 * c_layer - a0 - 2 * a_layer
+  layers, batch = cfg.model.num_layers, cfg.data.global_batch_size
+  return int(c0 + c_layer * layers + batch * (a0 + a_layer * layers))
+
+
 def account(cfg: Config) -> Accounting:
-  from jax._src.ad_checkpoint import saved_residuals   # what jax.grad keeps for the backward pass (remat-aware)
   (fwd, bwd, mm_bytes), (loss, params, batch, opt_state), jaxpr = _walk_step(cfg)
-  act = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a, why in saved_residuals(loss, params, batch)
-            if "argument" not in str(why))
+  act = _saved_bytes(loss, params, batch)
   b = cfg.data.global_batch_size
   tokens = b * cfg.model.input_shape()[0] if cfg.model.task == "lm" else b
   return Accounting(params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),

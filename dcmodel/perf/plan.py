@@ -9,6 +9,7 @@ achieve. `mesh` names one layout to evaluate instead of searching (e.g. a publis
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from dcmodel.config import Config
 from dcmodel.errors import UserError
 from dcmodel.perf import hardware, optimize
-from dcmodel.perf.accounting import account, transformer_accounting
+from dcmodel.perf.accounting import account, transformer_accounting, transformer_saved_bytes
 from dcmodel.perf.layouts import AXES, Layout, candidate_layouts, comm_bound_thresholds, predict
 
 
@@ -48,10 +49,12 @@ def named_layout(mesh: dict[str, int], chips: int, batch: int, microbatches: int
 
 
 def accounting_for(cfg: Config):
-  """Transformers from the closed forms (equal to the traced count, and instant at any size);
-  every other model from its jaxpr."""
+  """Transformers from the closed forms (equal to the traced count, and instant at any size),
+  with the activations jax.grad keeps traced on two layers of one sequence; every other model
+  from its jaxpr."""
   if cfg.model.name in ("gpt", "bert"):
-    return transformer_accounting(cfg.model, cfg.data.global_batch_size)
+    acc = transformer_accounting(cfg.model, cfg.data.global_batch_size)
+    return dataclasses.replace(acc, activation_bytes=transformer_saved_bytes(cfg))
   return account(cfg)
 
 
