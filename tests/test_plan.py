@@ -139,10 +139,10 @@ def test_megatron_table1_every_row_within_20_percent():
 
 def test_held_out_runs_are_predicted():
   # not a fit: the same constants, other frameworks and chips; bounds say how far the model is trusted
-  rows = {r["name"]: r for r in published_runs.held_out()}
-  assert abs(rows["PaLM 540B, 6144 TPU v4"]["error"]) <= 0.15
-  assert abs(rows["MaxText 32B, 1x v5e-256"]["error"]) <= 0.10
-  assert all(0.05 < r["predicted_mfu"] < 0.95 for r in rows.values())
+  rows = published_runs.held_out()
+  assert len(rows) == 7
+  for r in rows:
+    assert abs(r["error"]) <= 0.15, r
 
 
 def test_named_layouts_and_their_errors():
