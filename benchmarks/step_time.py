@@ -4,7 +4,8 @@
    arrays of its own sizes: nothing a scored configuration runs.
 2. For each configuration: the analytic accounting (FLOPs, matmul bytes), XLA's memory
    traffic for the step compiled on one device, and the host prediction
-   (dcmodel.perf.layouts.predict_on_host); then the real jitted train step on the 8-device
+   (dcmodel.perf.layouts.predict_on_host: the step model the catalog chips use, on this host's
+   calibration); then the real jitted train step on the 8-device
    mesh, timed (warm-up excluded, blocked on, median of repeats).
 Writes benchmarks/results/step_time.json and PNG plots (scatter, step time by layout).
 Run: python -m benchmarks.step_time [--quick]
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
                  "params": acc.params, "flops_per_step": acc.flops_per_step, "one_device_bytes_accessed": bytes_accessed,
                  "predicted_s": pred.step_s, "measured_s": measured, "spread": timing["spread"],
                  "error": pred.step_s / measured - 1, "bottleneck": pred.bottleneck,
-                 "predicted_terms_s": {"compute": pred.compute_s, "memory": pred.memory_s, **pred.comm_s},
+                 "predicted_terms_s": {"compute": pred.compute_s, "recompute": pred.recompute_s, "memory": pred.memory_s,
+                                           "bubble": pred.bubble_s, **pred.comm_s},
                  "mfu_measured": acc.flops_per_step / (measured * cal.matmul_flops)})
   errors = np.abs([r["error"] for r in rows])
   summary = {"configs": len(rows), "median_abs_error": float(np.median(errors)), "max_abs_error": float(np.max(errors)),
