@@ -8,13 +8,14 @@
    calibration); then the real jitted train step on the 8-device
    mesh, timed (warm-up excluded, blocked on, median of repeats).
 Writes benchmarks/results/step_time.json and PNG plots (scatter, step time by layout).
-Run: python -m benchmarks.step_time [--quick]
+Run: python -m benchmarks.step_time [--quick | --replay]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 
@@ -80,10 +81,31 @@ def measure(cfg, repeats: int) -> dict:
     return time_fn(run, repeats=repeats, warmup=3)
 
 
+def replay() -> int:
+  """The stored sweep's measurements (results/step_time.json, results/calibration.json) against
+  today's step model: a model change checked without timing anything on a busy machine."""
+  stored = json.loads((RESULTS / "step_time.json").read_text())
+  cal = calibrate_lib.HostCalibration.load(RESULTS / "calibration.json")
+  errors = []
+  for r in stored["rows"]:
+    layout = Layout(*r["mesh"])
+    cfg = build(r["model"], layout)
+    pred = predict_on_host(account(cfg), cfg.model, layout, cal, r["one_device_bytes_accessed"])
+    errors.append(pred.step_s / r["measured_s"] - 1)
+    print(f"{r['model']:10s} {layout.name():14s} predicted {pred.step_s:6.3f}s (stored {r['predicted_s']:6.3f}s) "
+          f"measured {r['measured_s']:6.3f}s {errors[-1]:+6.1%}")
+  e = np.abs(errors)
+  print(f"replayed: median |error| {np.median(e):.1%}, worst {e.max():.1%} over {len(e)} configs")
+  return 0 if np.median(e) <= 0.15 and e.max() <= 0.35 else 1
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--replay", action="store_true", help="re-predict the stored measurements with today's model; time nothing")
   args = p.parse_args(argv)
+  if args.replay:
+    return replay()
   t0 = time.perf_counter()
   cal = calibrate_lib.calibrate(quick=args.quick)
   cal.save(RESULTS / ("calibration_quick.json" if args.quick else "calibration.json"))
