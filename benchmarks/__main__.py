@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (module, quick arguments or None to skip in quick mode, full arguments)
 SUITE = [
     ("benchmarks.step_time", ["--quick"], []),
+    ("benchmarks.published_runs", [], []),
     ("benchmarks.inference", ["--quick"], []),
     ("benchmarks.dataflow", ["--quick"], []),
     ("benchmarks.compression", ["--quick"], []),

@@ -4,16 +4,18 @@
    arrays of its own sizes: nothing a scored configuration runs.
 2. For each configuration: the analytic accounting (FLOPs, matmul bytes), XLA's memory
    traffic for the step compiled on one device, and the host prediction
-   (dcmodel.perf.layouts.predict_on_host); then the real jitted train step on the 8-device
+   (dcmodel.perf.layouts.predict_on_host: the step model the catalog chips use, on this host's
+   calibration); then the real jitted train step on the 8-device
    mesh, timed (warm-up excluded, blocked on, median of repeats).
 Writes benchmarks/results/step_time.json and PNG plots (scatter, step time by layout).
-Run: python -m benchmarks.step_time [--quick]
+Run: python -m benchmarks.step_time [--quick | --replay]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 
@@ -79,10 +81,31 @@ def measure(cfg, repeats: int) -> dict:
     return time_fn(run, repeats=repeats, warmup=3)
 
 
+def replay() -> int:
+  """The stored sweep's measurements (results/step_time.json, results/calibration.json) against
+  today's step model: a model change checked without timing anything on a busy machine."""
+  stored = json.loads((RESULTS / "step_time.json").read_text())
+  cal = calibrate_lib.HostCalibration.load(RESULTS / "calibration.json")
+  errors = []
+  for r in stored["rows"]:
+    layout = Layout(*r["mesh"])
+    cfg = build(r["model"], layout)
+    pred = predict_on_host(account(cfg), cfg.model, layout, cal, r["one_device_bytes_accessed"])
+    errors.append(pred.step_s / r["measured_s"] - 1)
+    print(f"{r['model']:10s} {layout.name():14s} predicted {pred.step_s:6.3f}s (stored {r['predicted_s']:6.3f}s) "
+          f"measured {r['measured_s']:6.3f}s {errors[-1]:+6.1%}")
+  e = np.abs(errors)
+  print(f"replayed: median |error| {np.median(e):.1%}, worst {e.max():.1%} over {len(e)} configs")
+  return 0 if np.median(e) <= 0.15 and e.max() <= 0.35 else 1
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--replay", action="store_true", help="re-predict the stored measurements with today's model; time nothing")
   args = p.parse_args(argv)
+  if args.replay:
+    return replay()
   t0 = time.perf_counter()
   cal = calibrate_lib.calibrate(quick=args.quick)
   cal.save(RESULTS / ("calibration_quick.json" if args.quick else "calibration.json"))
@@ -98,7 +121,8 @@ def main(argv=None) -> int:
                  "params": acc.params, "flops_per_step": acc.flops_per_step, "one_device_bytes_accessed": bytes_accessed,
                  "predicted_s": pred.step_s, "measured_s": measured, "spread": timing["spread"],
                  "error": pred.step_s / measured - 1, "bottleneck": pred.bottleneck,
-                 "predicted_terms_s": {"compute": pred.compute_s, "memory": pred.memory_s, **pred.comm_s},
+                 "predicted_terms_s": {"compute": pred.compute_s, "recompute": pred.recompute_s, "memory": pred.memory_s,
+                                           "bubble": pred.bubble_s, **pred.comm_s},
                  "mfu_measured": acc.flops_per_step / (measured * cal.matmul_flops)})
   errors = np.abs([r["error"] for r in rows])
   summary = {"configs": len(rows), "median_abs_error": float(np.median(errors)), "max_abs_error": float(np.max(errors)),

@@ -65,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
   pl.add_argument("--chips-per-host", type=int, default=None)
   pl.add_argument("--compression", default="none", choices=("none", "bf16", "int8"),
                   help="gradient all-reduce payload over the data axis (parallel.allreduce)")
+  pl.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                  help="evaluate this layout only, e.g. data=6,model=8,stage=64 (axes data, fsdp, model, stage; others 1)")
+  pl.add_argument("--microbatches", type=int, default=None,
+                  help="microbatches per step and replica (default: 1, or one sequence each when pipelined)")
+  pl.add_argument("--interleave", type=int, default=1, help="model chunks per pipeline stage (interleaved 1F1B)")
+  pl.add_argument("--attention", default="dense", choices=("dense", "dense-dropout", "flash"),
+                  help="dense: the T x T scores go through HBM (dcmodel's model); dense-dropout: and dropout on "
+                       "them (Megatron's GPT); flash: a fused kernel keeps them on chip")
   pl.add_argument("--json", action="store_true")
 
   be = sub.add_parser("bench", help="run the benchmark suite (from a source checkout): predicted vs measured")
@@ -193,8 +201,9 @@ def cmd_inspect(args) -> int:
 
 def cmd_plan(args) -> int:
   import json
-  from dcmodel.perf.plan import plan, render
-  out = plan(_load_config(args), args.hardware, args.chips, args.chips_per_host, args.compression)
+  from dcmodel.perf.plan import parse_mesh, plan, render
+  out = plan(_load_config(args), args.hardware, args.chips, args.chips_per_host, args.compression,
+             parse_mesh(args.mesh) if args.mesh else None, args.microbatches, args.interleave, args.attention)
   print(json.dumps(out, indent=2) if args.json else render(out))
   return 0
 
