@@ -23,13 +23,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.common import RESULTS, time_fn, write  # noqa: E402
-from dcmodel import config as config_lib  # noqa: E402
-from dcmodel.inspect import abstract_batch, describe  # noqa: E402
-from dcmodel.mesh import batch_sharding, build_mesh, rules_for  # noqa: E402
+from dcmodel import experiment as experiment_lib  # noqa: E402
+from dcmodel.inspect import describe  # noqa: E402
 from dcmodel.perf import calibrate as calibrate_lib  # noqa: E402
 from dcmodel.perf.accounting import account  # noqa: E402
 from dcmodel.perf.layouts import Layout, predict_on_host  # noqa: E402
@@ -51,7 +49,7 @@ def configs(quick: bool):
 
 def build(size: str, layout: Layout):
   sets = SIZES[size] + [f"mesh.data={layout.data}", f"mesh.fsdp={layout.fsdp}", f"mesh.model={layout.model}"]
-  return config_lib.apply_overrides(config_lib.load_experiment(os.path.join(ROOT, "experiments", "stdlib_gpt.py")), sets)
+  return experiment_lib.load(os.path.join(ROOT, "experiments", "stdlib_gpt.py"), sets)
 
 
 def one_device_bytes(cfg) -> float:
@@ -62,16 +60,11 @@ def one_device_bytes(cfg) -> float:
 
 def measure(cfg, repeats: int) -> dict:
   """Timing of the real train step on the configured mesh."""
-  mesh = build_mesh(cfg.mesh)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
-    graphdef, target, shardings = state_lib.abstract_state(cfg, mesh)
-    state = state_lib.init_state(cfg, shardings)
-    data = batch_sharding(mesh)
-    step = make_train_step(graphdef, tasks.get(cfg.model.task), shardings, data)
-    spec = abstract_batch(cfg, data)
-    rng = np.random.default_rng(0)
-    batch = {k: jax.device_put((np.ones if k == "mask" else lambda s, d: rng.integers(0, 256, s).astype(d))(v.shape, v.dtype), data)
-             for k, v in spec.items()}
+  placed = state_lib.place(cfg)
+  with placed.context():
+    state, data, spec = placed.init(), placed.data_sharding, cfg.model.batch_spec()
+    step = make_train_step(placed.graphdef, tasks.get(cfg.model.task), placed.shardings, data, spec.inputs)
+    batch = jax.device_put(spec.random(cfg.data.global_batch_size), data)
     holder = [state]
 
     def run():
