@@ -140,14 +140,14 @@ def cmd_train(args) -> int:
 
 def cmd_tokenizer(args) -> int:
   from pathlib import Path
-  from dcmodel.data import documents, registry, tokenizers
+  from dcmodel.data import documents, sources, tokenizers
   from dcmodel.data.registry import Corpus
   from dcmodel.errors import UserError
   cfg = _load_config(args)
   out = Path(args.out)
   if out.exists():
     raise UserError(f"--out {out} exists; the tokenizer is written to a new file (nothing is overwritten)")
-  src = registry.load(cfg.data)
+  src = sources.load(cfg.data)
   if not isinstance(src, Corpus):
     raise UserError(f"data.source '{cfg.data.source}' is not a document corpus; a tokenizer trains on documents "
                     f"(data.source=corpus with data.path=..., or stdlib_text)")

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from dcmodel.config import DataConfig
-from dcmodel.data import documents, pipeline, registry, sources, tokenizers  # noqa: F401  (sources: registers them)
+from dcmodel.data import documents, pipeline, sources, tokenizers
 from dcmodel.data.clean import Normalizer, clean_rows
 from dcmodel.data.registry import Corpus, Table, Tokens
 from dcmodel.data.transforms import PackedWindows
@@ -43,7 +43,7 @@ class Dataset:
 
   @classmethod
   def load(cls, cfg: DataConfig, spec: BatchSpec) -> "Dataset":
-    src = registry.load(cfg)
+    src = sources.load(cfg)
     ds = cls.from_corpus(src, cfg, spec) if spec.lm else cls.from_table(src, cfg, spec)
     ds.check()
     return ds

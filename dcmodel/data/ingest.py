@@ -24,7 +24,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from dcmodel.config import DataConfig
-from dcmodel.data import documents, registry, tokenizers, transforms
+from dcmodel.data import documents, sources, tokenizers, transforms
 from dcmodel.data.clean import doc_hash
 from dcmodel.data.dataset import Dataset
 from dcmodel.data.registry import Corpus, Table
@@ -60,7 +60,7 @@ def ingest(cfg: DataConfig, out_dir: str | Path, shards: int = 4, workers: int |
   if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
     raise UserError(f"--out {out} is a non-empty directory without an ingest manifest; pick a new directory "
                     f"(ingest never writes into a directory it did not create)")
-  src = registry.load(cfg)
+  src = sources.load(cfg)
   if isinstance(src, Table):
     return ingest_table(src, cfg, out, shards)
   if not isinstance(src, Corpus):
