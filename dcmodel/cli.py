@@ -133,8 +133,9 @@ def cmd_train(args) -> int:
   m = result.final_eval
   acc = "".join(f" {k} {m[k]:.4f}" for k in ("accuracy", "auc", "bits_per_byte") if k in m)
   test = f"test loss {m['loss']:.4f}{acc} on {m['examples']} examples" if m else "no final evaluation"
-  print(f"[dcmodel] {cfg.name}: step {result.start_step + result.steps_run}, {test}; {result.steps_run} steps in {result.wall_s:.1f}s "
-        f"on mesh {dict(result.mesh.shape)}; workdir {workdir}")
+  stopped = f" (stopped early: {result.stopped})" if result.stopped else ""
+  print(f"[dcmodel] {cfg.name}: step {result.start_step + result.steps_run}{stopped}, {test}; {result.steps_run} steps in "
+        f"{result.wall_s:.1f}s on mesh {dict(result.mesh.shape)}; workdir {workdir}")
   return 0
 
 

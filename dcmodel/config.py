@@ -96,6 +96,7 @@ class TrainConfig:
   steps_per_dispatch: int = 1    # train steps run inside one jitted call (a scan): small steps stop paying host overhead
   dispatch_unroll: int = 1       # of those, steps unrolled per loop iteration: XLA:CPU runs its own convolutions (model.conv=xla) ~8x slower inside a loop
   progress: bool = True
+  max_seconds: float = 0.0       # a wall-clock budget: stop (checkpoint, final evaluation) once spent; 0: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +268,8 @@ def validate(cfg: Config) -> None:
                      "checkpoint.every_steps": cfg.checkpoint.every_steps if cfg.checkpoint.enabled else 0}.items():
     if value % k:
       raise UserError(f"{key}={value} must be a multiple of train.steps_per_dispatch={k} (steps run {k} at a time)")
+  if cfg.train.max_seconds < 0:
+    raise UserError(f"train.max_seconds must be 0 (no budget) or more, got {cfg.train.max_seconds}")
   if not 0.0 < cfg.data.test_fraction < 1.0:
     raise UserError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
   if cfg.optimizer.learning_rate <= 0:

@@ -45,7 +45,8 @@ class Run:
   eval_step: object
   call_sharding: object
   step: int = 0             # steps completed
-  stopping: str | None = None   # why the loop stops before train.steps (set by a hook)
+  stopping: str | None = None   # why the loop stops before train.steps (set by a hook, with stop())
+  evaluate_on_stop: bool = False   # whether the final evaluation still runs after such a stop
   totals: object = None     # device-side metric sums of the current window
   window_start: float = 0.0
   window_calls: int = 0
@@ -55,6 +56,12 @@ class Run:
 
   def state(self):
     return jax.tree.unflatten(self.treedef, self.leaves)
+
+  def stop(self, reason: str, evaluate: bool = False) -> None:
+    """End the loop after this step: the at-end hooks (metrics, checkpoint, and with `evaluate`
+    the final evaluation) still run."""
+    if self.stopping is None:
+      self.stopping, self.evaluate_on_stop = reason, evaluate
 
   def write(self, record: dict) -> None:
     self.writer.write(record)
