@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--out", required=True, help="directory to create")
   g.add_argument("--shards", type=int, default=4, help="train-split shards (tables)")
   g.add_argument("--workers", type=int, default=None, help="tokenizer processes (corpora; default: one per core)")
+  g.add_argument("--chunk-mb", type=float, default=64, help="text per committed chunk (corpora): what a kill can cost")
 
   tk = sub.add_parser("tokenizer", help="train a tokenizer on an experiment's training documents")
   tk_sub = tk.add_subparsers(dest="tokenizer_command", required=True)
@@ -170,8 +171,11 @@ def cmd_baseline(args) -> int:
 
 def cmd_ingest(args) -> int:
   from dcmodel.data import ingest
+  from dcmodel.errors import UserError
+  if not 1 / 16 <= args.chunk_mb <= 64 * 1024:
+    raise UserError(f"--chunk-mb {args.chunk_mb:g}: expected 0.0625 (64 KiB) to 65536 MiB of text per committed chunk")
   cfg = _load_config(args)
-  m = ingest.ingest(cfg.data, args.out, args.shards, args.workers, progress=cfg.train.progress)
+  m = ingest.ingest(cfg.data, args.out, args.shards, args.workers, int(args.chunk_mb * 2 ** 20), progress=cfg.train.progress)
   counts = {s: sum(e["records"] for e in v) for s, v in m["splits"].items()}
   what = "documents" if m["kind"] == "tokens" else "records"
   tokens = ({s: sum(e["tokens"] for e in v) for s, v in m["splits"].items()} if m["kind"] == "tokens" else None)

@@ -102,19 +102,6 @@ def ingest_table(src: Table, cfg: DataConfig, out: Path, shards: int) -> dict:
 
 # ---------------------------------------------------------------------------- corpora
 
-_WORKER_STAGE = None
-
-
-def _worker_init(spec: str) -> None:
-  global _WORKER_STAGE
-  os.environ["RAYON_NUM_THREADS"] = "1"     # one core per worker process: no thread pool inside it
-  _WORKER_STAGE = transforms.TokenizeDocuments(spec)
-
-
-def _worker_tokenize(texts: list[bytes]) -> list[np.ndarray]:
-  return _WORKER_STAGE.map(texts)
-
-
 class _Chunk:
   """The shards of one chunk being written: one ArrayRecord file per split (made when the split
   gets its first document), with each document's length, hash and source position."""
@@ -188,9 +175,12 @@ def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, 
                 "position": 0, "chunks": 0, "complete": False}
   start, resumed_at = manifest["position"], manifest["position"]
   token_dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.int32
-  workers = workers if workers is not None else (os.cpu_count() or 1)
+  cores = os.cpu_count() or 1
+  workers = workers if workers is not None else cores
+  if not 1 <= workers <= 4 * cores:
+    raise UserError(f"--workers {workers}: expected 1 to {4 * cores} tokenizer processes on this host of {cores} cores")
   pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_worker_init, initargs=(cfg.tokenizer,))
+                                                 initializer=tokenizers.worker_init, initargs=(cfg.tokenizer,))
           if workers > 1 else None)
   local = transforms.TokenizeDocuments(cfg.tokenizer)
   bar = tqdm(unit="B", unit_scale=True, desc=f"ingest {src.name}", disable=not progress, dynamic_ncols=True,
@@ -200,7 +190,7 @@ def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, 
 
   def submit(batch):
     texts = [d.text for _, d in batch]
-    pending.append((batch, pool.submit(_worker_tokenize, texts) if pool else local.map(texts)))
+    pending.append((batch, pool.submit(tokenizers.worker_encode, texts) if pool else local.map(texts)))
 
   def drain(keep: int) -> None:
     nonlocal docs_done
