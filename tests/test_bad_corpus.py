@@ -10,7 +10,7 @@ import pytest
 
 from conftest import EXPERIMENTS
 from dcmodel import cli
-from test_bad_input import snapshot
+from test_bad_input import one_line_failures, snapshot
 
 GPT = str(EXPERIMENTS / "corpus_gpt.py")
 TINY = ["--set", "model.d_model=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2", "--set", "model.d_ff=64",
@@ -95,14 +95,7 @@ def test_bad_corpora_records_and_tokenizers_fail_cleanly(world, capsys):
   listed = cases(world)
   assert len(listed) >= 20
   before = snapshot(world)
-  failures = []
-  for description, argv, fragment in listed:
-    capsys.readouterr()
-    code = cli.main(argv)
-    err = capsys.readouterr().err.strip()
-    lines = err.splitlines()
-    if not (code == 2 and len(lines) == 1 and lines[0].startswith("dcmodel: error: ") and fragment in lines[0]):
-      failures.append(f"{description}: exit {code}, stderr {err[-400:]!r}")
+  failures = one_line_failures(listed, capsys)
   assert not failures, "\n".join(failures)
   after = snapshot(world)
   written = {k for k in after if k not in before}   # the cases' own input files only
