@@ -18,6 +18,7 @@ from flax import nnx
 from dcmodel.data.types import BatchSpec, Field
 from dcmodel.errors import UserError
 from dcmodel.mesh import constrain
+from dcmodel.models.attention import IMPLS, attend, unfit
 from dcmodel.models.layers import DTYPES, compute_dtype, label_fields, param_init, zeros
 from dcmodel.models.registry import ModelConfig, register
 
@@ -44,8 +45,9 @@ class TransformerConfig(ModelConfig):
   dropout: float = 0.0             # on embeddings and each residual branch, in training only
   dtype: str = "float32"           # compute dtype; parameters and optimizer state stay float32
   remat: str = "none"              # none | block | dots
+  attention: str = "auto"          # auto | xla | cudnn | splash: the kernel (models/attention.py)
   name: ClassVar[str]
-  COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ("remat",)   # a checkpoint resumes under any of these
+  COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ("remat", "attention")   # a checkpoint resumes under any of these
 
   @property
   def kv_heads(self) -> int:
@@ -64,10 +66,13 @@ class TransformerConfig(ModelConfig):
     if self.num_heads % self.kv_heads:
       raise UserError(f"model.num_kv_heads={self.kv_heads} does not divide model.num_heads={self.num_heads}")
     for field, allowed in (("mlp", ("gelu", "swiglu")), ("norm", ("layernorm", "rmsnorm")),
-                           ("positions", ("learned", "rope")), ("remat", tuple(REMAT))):
+                           ("positions", ("learned", "rope")), ("remat", tuple(REMAT)), ("attention", IMPLS)):
       if getattr(self, field) not in allowed:
         raise UserError(f"model.{field}='{getattr(self, field)}' is not one of {', '.join(allowed)}")
     compute_dtype(self.dtype)
+    if self.attention != "auto" and (why := unfit(self.attention, backend=None, dtype=DTYPES[self.dtype], q_len=self.max_len,
+                                                  kv_len=self.max_len, head_dim=self.head_dim, masked=False, cache=False)):
+      raise UserError(f"model.attention={self.attention} cannot take this model: {why}")
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
     if self.positions == "rope" and self.head_dim % 2:
@@ -182,11 +187,10 @@ class Attention(nnx.Module):
     q = constrain(q, ("batch", "act_length", "act_heads", None))
     if cache is None:
       # Packed rows: a token attends only within its own document (same segment id).
-      mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)   # GQA: k/v heads are shared
+      out = attend(q, k, v, causal=causal, segment_ids=segment_ids, impl=cfg.attention)   # GQA: k/v heads are shared
     else:
       cache = cache.write(k, v)
-      out = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=cache.mask(q.shape[1]))
+      out = attend(q, cache.k, cache.v, causal=False, mask=cache.mask(q.shape[1]), impl=cfg.attention)
     out = constrain(out, ("batch", "act_length", "act_heads", None))
     y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
     y = y + self.bo[...].astype(dtype) if self.bo is not None else y
