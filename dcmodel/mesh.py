@@ -11,6 +11,7 @@ import math
 
 import jax
 import numpy as np
+from flax.core import spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dcmodel.config import MeshConfig
@@ -103,7 +104,6 @@ def rules_for(cfg: MeshConfig, mesh: Mesh) -> tuple[tuple[str, object], ...]:
 
 def logical_spec(logical_axes: tuple) -> P:
   """The PartitionSpec that logical axes take under the active rules."""
-  from flax.core import spmd
   return P(*spmd.apply_rules(logical_axes, None))
 
 
