@@ -44,9 +44,18 @@ class Imported:
   workdir: Path
   params: int
   bytes_read: int          # safetensors bytes of the weights read
-  read_s: float            # reading + placing every tensor (blocked on)
-  save_s: float            # writing the checkpoint and reading it back to verify
-  mesh: dict               # the mesh the weights were placed on (axis sizes)
+  mesh: dict               # the mesh the weights were placed on (axis sizes > 1)
+  times: dict              # time.perf_counter() when each phase ended: checked, loaded, saved
+
+  @property
+  def read_s(self) -> float:
+    """Reading every tensor and placing it on the devices (blocked on)."""
+    return self.times["loaded"] - self.times["checked"]
+
+  @property
+  def save_s(self) -> float:
+    """Writing the step-0 checkpoint and reading it back to verify it."""
+    return self.times["saved"] - self.times["loaded"]
 
 
 def family_of(hf_config: dict, where: Path):
@@ -148,6 +157,12 @@ def load_params(src: Source, placed: state_lib.Placed):
   return jax.tree_util.tree_map_with_path(lambda p, _: arrays[_name(p)], placed.model_target)
 
 
+def in_flight_bytes(target) -> int:
+  """What the checkpoint I/O may hold at once: twice the largest array, at least 256 MiB (fast
+  for small models; for a large one, a few tensors instead of a second copy of the model)."""
+  return max(2 * max(x.size * x.dtype.itemsize for x in jax.tree.leaves(target)) + 1, 256 * 2**20)
+
+
 def _check_new_workdir(workdir: Path) -> None:
   if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
     raise UserError(f"workdir {workdir} already holds a run; import into a new --workdir (nothing is overwritten)")
@@ -190,10 +205,10 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, overrides: list[str] = ()
   placed = state_lib.place(cfg, devices)
   _check_table(rows, placed.model_target)
 
-  t0 = time.perf_counter()
+  times = {"checked": time.perf_counter()}
   with placed.context():
     params = jax.block_until_ready(load_params(src, placed))
-  read_s = time.perf_counter() - t0
+  times["loaded"] = time.perf_counter()
   count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
   nbytes = sum(hf.tensors[n].nbytes for n in names.values())
 
@@ -201,23 +216,22 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, overrides: list[str] = ()
   workdir.mkdir(parents=True, exist_ok=True)
   check_disk_space(workdir, state_bytes(placed.model_target), 1)
   if cfg.data.tokenizer not in ("", "bytes"):
-    src = Path(cfg.data.tokenizer)
-    dst = workdir / ("tokenizer.model" if src.suffix == ".model" else "tokenizer.json")
-    shutil.copyfile(src, dst)
+    tok_file = Path(cfg.data.tokenizer)
+    dst = workdir / ("tokenizer.model" if tok_file.suffix == ".model" else "tokenizer.json")
+    shutil.copyfile(tok_file, dst)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(dst)))
   for name in CARRIED:
     if (hf_dir / name).is_file():
       shutil.copyfile(hf_dir / name, workdir / name)
   (workdir / HF_CONFIG).write_text(json.dumps(hf.config, indent=2, sort_keys=True) + "\n")
   config_lib.save(cfg, workdir, tok.sha256)
-  t0 = time.perf_counter()
   with placed.context():
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, in_flight_bytes(placed.model_target))
     ckpt.save_model(0, params)
-    del params          # the async save holds its own reference until written
-    ckpt.close()        # waits, reads the step back and verifies it
-  return Imported(cfg, workdir, count, nbytes, read_s, time.perf_counter() - t0,
-                  {k: v for k, v in placed.mesh.shape.items() if v > 1})
+    del params          # the async save holds its own reference until written: the read-back below
+    ckpt.close()        # (verification) then needs no second copy of the model beside this one
+  times["saved"] = time.perf_counter()
+  return Imported(cfg, workdir, count, nbytes, {k: v for k, v in placed.mesh.shape.items() if v > 1}, times)
 
 
 @dataclasses.dataclass
@@ -245,7 +259,7 @@ def export_hf(workdir: str | Path, out: str | Path, overrides: list[str] = (), d
     raise UserError(f"tokenizer file not found: {tokenizer} (data.tokenizer of {workdir / 'config.json'})")
   placed = state_lib.place(cfg, devices)
   with placed.context():
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, in_flight_bytes(placed.target))
     try:
       step, params = ckpt.restore_model(placed.target)
     finally:
