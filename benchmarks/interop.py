@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     _run(["--child-build", str(tmp / "hf"), *(["--quick"] if args.quick else [])])
     build_s = time.perf_counter() - t
+    os.sync()   # the build's dirty pages, flushed now, would otherwise compete with the import's writes
     ckpt_bytes = sum(f.stat().st_size for f in (tmp / "hf").glob("*.safetensors"))
     write_bw, read_bw = storage_bandwidth(tmp)
     _run(["--child-import", str(tmp / "hf"), str(tmp / "work"), str(tmp / "import.json")])

@@ -213,8 +213,8 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, overrides: list[str] = ()
   nbytes = sum(hf.tensors[n].nbytes for n in names.values())
 
   # Every weight is in: only now is the workdir touched.
+  check_disk_space(next(p for p in (workdir, *workdir.absolute().parents) if p.exists()), state_bytes(placed.model_target), 1)
   workdir.mkdir(parents=True, exist_ok=True)
-  check_disk_space(workdir, state_bytes(placed.model_target), 1)
   if cfg.data.tokenizer not in ("", "bytes"):
     tok_file = Path(cfg.data.tokenizer)
     dst = workdir / ("tokenizer.model" if tok_file.suffix == ".model" else "tokenizer.json")
