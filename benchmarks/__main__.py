@@ -23,6 +23,7 @@ SUITE = [
     ("benchmarks.inference", ["--quick"], []),
     ("benchmarks.dataflow", ["--quick"], []),
     ("benchmarks.compression", ["--quick"], []),
+    ("benchmarks.interop", ["--quick"], []),
     ("benchmarks.peers", None, []),
     ("benchmarks.pipeline_bubble", None, []),
     ("benchmarks.roofline", None, []),

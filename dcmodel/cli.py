@@ -1,4 +1,4 @@
-"""`dcmodel train | ...`: the command line. User errors print one line and exit 2.
+"""`dcmodel train | import-hf | export-hf | ...`: the command line. User errors print one line and exit 2.
 
 On a host without accelerators the CPU is split into --host-devices simulated devices (8 by
 default) so every mesh layout runs here; the flag only touches the CPU platform, so the same
@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
   tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   tt.add_argument("--vocab-size", type=int, required=True)
   tt.add_argument("--out", required=True, help="the tokenizer.json to write")
+
+  ih = sub.add_parser("import-hf", help="a Hugging Face GPT-2 or Llama directory -> a workdir (config.json, tokenizer, step-0 checkpoint)")
+  ih.add_argument("hf_dir", help="directory with config.json and *.safetensors (and tokenizer.json)")
+  ih.add_argument("--workdir", required=True, help="the new workdir to write")
+  ih.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the experiment written")
+
+  eh = sub.add_parser("export-hf", help="a gpt workdir's newest checkpoint -> a Hugging Face directory transformers loads")
+  eh.add_argument("workdir")
+  eh.add_argument("--out", required=True, help="the directory to write (new or empty)")
+  eh.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. the mesh to restore on")
 
   b = sub.add_parser("baseline", help="the baseline the experiment's model must beat, fitted on the same training data")
   b.add_argument("experiment")
@@ -156,6 +166,25 @@ def cmd_tokenizer(args) -> int:
   tok = tokenizers.train_bpe(documents.train_texts(src, cfg.data), args.vocab_size, out, progress=cfg.train.progress)
   print(f"[dcmodel] trained a byte-level BPE of {tok.vocab_size} tokens on the training documents of {src.name} "
         f"into {out} (sha256 {tok.sha256[:12]}); use it with --set data.tokenizer={out}")
+  return 0
+
+
+def cmd_import_hf(args) -> int:
+  from dcmodel.interop.hf import import_hf
+  got = import_hf(args.hf_dir, args.workdir, args.set)
+  mib = got.bytes_read / 2**20
+  print(f"[dcmodel] imported {got.params:,} parameters ({mib:.1f} MiB of safetensors read and placed in {got.read_s:.2f}s, "
+        f"{mib / max(got.read_s, 1e-9):.0f} MiB/s) onto mesh {got.mesh or '1 device'}; "
+        f"step-0 checkpoint written and verified in {got.save_s:.1f}s; run it with {got.workdir / 'config.json'} "
+        f"--workdir {got.workdir} (fine-tune: --set data.path=CORPUS)")
+  return 0
+
+
+def cmd_export_hf(args) -> int:
+  from dcmodel.interop.hf import export_hf
+  got = export_hf(args.workdir, args.out, args.set)
+  print(f"[dcmodel] exported step {got.step} of {args.workdir} as {got.architecture} ({got.tensors} tensors) into {got.out}; "
+        f"load it with transformers.AutoModelForCausalLM.from_pretrained('{got.out}')")
   return 0
 
 
@@ -292,7 +321,7 @@ def cmd_launch(args) -> int:
   return launch(args.processes, per, ["train", args.experiment, *args.rest])
 
 
-COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "baseline": cmd_baseline, "ingest": cmd_ingest, "inspect": cmd_inspect, "plan": cmd_plan, "bench": cmd_bench, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "baseline": cmd_baseline, "ingest": cmd_ingest, "inspect": cmd_inspect, "plan": cmd_plan, "bench": cmd_bench, "predict": cmd_predict,
             "generate": cmd_generate, "query": cmd_query, "launch": cmd_launch}
 
 

@@ -313,10 +313,22 @@ def save(cfg: Config, workdir: Path, tokenizer_sha256: str | None = None) -> Pat
   workdir refuses a run with another tokenizer (its token ids would mean other text)."""
   path = Path(workdir) / "config.json"
   record = {**to_dict(cfg), RUN_FACTS: {"tokenizer_sha256": tokenizer_sha256}}
+  record["data"]["tokenizer"] = _relative_to(cfg.data.tokenizer, Path(workdir))
   tmp = path.with_name("config.json.tmp")
   tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=list) + "\n")
   tmp.replace(path)
   return path
+
+
+def _relative_to(file: str, workdir: Path) -> str:
+  """A file inside the workdir (import-hf's tokenizer.json) is recorded relative to it, so the
+  workdir can move; loading its config.json resolves it against the file's own directory."""
+  if file in ("", "bytes"):
+    return file
+  try:
+    return str(Path(file).resolve().relative_to(workdir.resolve()))
+  except ValueError:
+    return file
 
 
 def saved(workdir: Path) -> dict | None:

@@ -170,13 +170,13 @@ def test_parameter_counts_by_hand():
   assert account(experiment("digits_mlp")).params == 64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
   assert account(experiment("recommender_mlp")).params == 100 * 64 + 64 + 64 * 32 + 32 + 32 + 1
   # GPT-3 175B shape (Brown et al. 2020, table 2.1) with biases, LayerNorm, learned positions, tied embeddings:
-  # per layer 4d^2 + d (attention) + 2df + f + d (MLP) + 4d (two norms) = 1,812,062,208; x 96 layers,
-  # + 2d final norm + 50257 d embeddings + 2048 d positions
+  # per layer 4d^2 + 4d (attention: Q, K, V, output and their biases) + 2df + f + d (MLP) + 4d (two norms)
+  # = 1,812,099,072; x 96 layers, + 2d final norm + 50257 d embeddings + 2048 d positions
   from dcmodel import models
   from dcmodel.perf.accounting import transformer_params
   gpt3 = models.get_config("gpt", vocab_size=50257, max_len=2048, d_model=12288, num_layers=96, num_heads=96, d_ff=49152,
                            tie_embeddings=True)
-  assert transformer_params(gpt3) == 96 * 1_812_062_208 + 2 * 12288 + 50257 * 12288 + 2048 * 12288 == 174_600_720_384
+  assert transformer_params(gpt3) == 96 * 1_812_099_072 + 2 * 12288 + 50257 * 12288 + 2048 * 12288 == 174_604_259_328
 
 
 def test_inference_formulas_by_hand():

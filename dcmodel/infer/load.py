@@ -58,11 +58,11 @@ def load(cfg: Config, workdir: str | Path, step: int | None = None, devices=None
     ckpt = Checkpointer(ckpt_dir, cfg.checkpoint)
     try:
       if step is None:
-        step, state = ckpt.restore_latest(placed.target, None)
+        step, state = ckpt.restore_latest(placed.target, None, placed.fresh_optimizer)
         if state is None:
           raise UserError(f"no checkpoints in {ckpt_dir}; train first")
       else:
-        state = ckpt.restore_step(step, placed.target)
+        state = ckpt.restore_step(step, placed.target, placed.fresh_optimizer)
     finally:
       ckpt.manager.close()
   return Trained(placed, state, step, tok)

@@ -175,6 +175,10 @@ class Attention(nnx.Module):
     self.wo = nnx.Param(param_init(("heads", "head_dim", "embed"),
                                    nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2))(rngs.params(), (h, hd, d)))
     self.bo = nnx.Param(zeros(("embed",))(rngs.params(), (d,))) if cfg.use_bias else None
+    # Q/K/V biases (GPT-2's c_attn bias). Zeros need no random key: drawing none leaves every
+    # other parameter's initial values as they were before these existed.
+    bias = lambda axes, n: nnx.Param(zeros(axes)(jax.random.key(0), (n, hd))) if cfg.use_bias else None
+    self.bq, self.bk, self.bv = bias(("heads", "head_dim"), h), bias(("kv_heads", "head_dim"), k), bias(("kv_heads", "head_dim"), k)
     self.cfg = cfg
 
   def __call__(self, x, causal: bool, positions, dtype, cache: KVCache | None = None, segment_ids=None):
@@ -182,6 +186,8 @@ class Attention(nnx.Module):
     q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dtype))
     k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dtype))
     v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(dtype))
+    if self.bq is not None:
+      q, k, v = (t + b[...].astype(dtype) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
     if cfg.positions == "rope":
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     q = constrain(q, ("batch", "act_length", "act_heads", None))

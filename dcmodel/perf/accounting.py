@@ -278,7 +278,7 @@ def transformer_params(cfg) -> int:
   d, f, n, k, h, v = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.vocab_size
   bias = cfg.use_bias
   norm = d * (2 if cfg.norm == "layernorm" and bias else 1)
-  attn = d * (n + 2 * k) * h + n * h * d + (d if bias else 0)
+  attn = d * (n + 2 * k) * h + n * h * d + (((n + 2 * k) * h + d) if bias else 0)   # Q/K/V and output biases
   mlp = (3 if cfg.mlp == "swiglu" else 2) * d * f + ((f + d) if bias else 0)
   total = cfg.num_layers * (attn + mlp + 2 * norm) + norm + v * d
   total += cfg.max_len * d if cfg.positions == "learned" else 0

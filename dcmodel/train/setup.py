@@ -147,7 +147,7 @@ def setup(cfg: Config, workdir: str | Path, devices=None) -> Run:
                               cfg.data.prefetch, per_call)
   with placed.context():
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
-    start, state = ckpt.restore_latest(placed.target, it) if ckpt else (0, None)
+    start, state = ckpt.restore_latest(placed.target, it, placed.fresh_optimizer) if ckpt else (0, None)
     if state is None:
       state = placed.init()
     pipeline.seek(it, start, per_call)
