@@ -1,7 +1,7 @@
 # The two set-up commands of the README: `make quickstart` and `make test`.
 # Both build .venv from pyproject.toml on first use, so a fresh clone needs only Python 3.11.
-# torch (the test extra, for transformers) comes from PyTorch's CPU index: 2.13.0+cpu sorts above
-# PyPI's 2.13.0, which would bring the CUDA libraries.
+# torch (the test extra, for transformers) is pinned to 2.13.0: these machines keep its CPU build
+# (2.13.0+cpu, which pip prefers to PyPI's CUDA build of 2.13.0) in pip's find-links.
 PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q --extra-index-url https://download.pytorch.org/whl/cpu -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
 .PHONY: install quickstart test
