@@ -203,7 +203,8 @@ class Results:
     """Columns at `rows` (a slice or an array of row numbers), as NumPy arrays."""
     columns = columns or self.columns
     dtype = lambda c: self.meta["columns"][c][0]
-    if isinstance(rows, slice):
+    if isinstance(rows, slice):    # never past the committed rows
+      rows = slice(*rows.indices(self.rows_done))
       return {c: _from_stored(self.array(c)[rows].read().result(), dtype(c)) for c in columns}
     rows = np.asarray(rows, np.int64)
     if not len(rows):

@@ -87,25 +87,32 @@ def parse(model: type[BaseModel], body: bytes):
     raise ApiError(400, describe(e, model), param=_loc(e.errors()[0])) from None
 
 
+UNIONS = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+          "stop": "a string or a list of strings", "temperature": "a number", "top_p": "a number",
+          "presence_penalty": "a number", "frequency_penalty": "a number"}
+
+
 def _loc(err: dict) -> str:
-  return ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith(("list[", "str", "int", "float")))
+  """'stop.0' from ('stop', 'list[str]', 0): the field path without pydantic's union tags."""
+  tag = lambda p: isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p)
+  return ".".join(str(p) for p in err.get("loc", ()) if not tag(p))
 
 
 def describe(e: ValidationError, model: type[BaseModel]) -> str:
   """The first validation error as a sentence: the field, what was wrong, what is expected."""
   err = e.errors()[0]
   where = _loc(err) or "body"
+  field = str(err["loc"][0]) if err.get("loc") else ""
+  got = err.get("input")
+  got = repr(got)[:40] if isinstance(got, (int, float, str)) and not isinstance(got, bool) else type(got).__name__
   if err["type"] == "extra_forbidden":
-    name = str(err["loc"][-1])
-    close = difflib.get_close_matches(name, list(model.model_fields), n=1)
-    return (f"unknown field '{name}'" + (f"; did you mean '{close[0]}'?" if close else "") +
+    close = difflib.get_close_matches(field, list(model.model_fields), n=1)
+    return (f"unknown field '{field}'" + (f"; did you mean '{close[0]}'?" if close else "") +
             f" (accepted: {', '.join(model.model_fields)})")
   if err["type"] == "missing":
     return f"'{where}' is required"
-  if where == "prompt":
-    return "'prompt' must be a string, a list of strings, a list of token ids or a list of lists of token ids"
-  got = err.get("input")
-  got = type(got).__name__ if not isinstance(got, (int, float, str, bool)) or isinstance(got, bool) else repr(got)[:40]
+  if field in UNIONS:
+    return f"'{field}' must be {UNIONS[field]} (got {got})"
   return f"'{where}': {err['msg'].lower()} (got {got})"
 
 
