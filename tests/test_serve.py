@@ -129,8 +129,8 @@ def test_completions_equal_generate_whatever_is_in_flight(lm):
     assert choice["token_ids"] == reference[choice["index"]].tolist()
 
 
-def stream(url, body):
-  """The text of each streamed event, and the final chunk's finish reason."""
+def stream(url, body, ids=None):
+  """The text of each streamed event, and the final chunk's finish reason (token ids into `ids`)."""
   texts, finish, done = [], None, False
   with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -143,6 +143,8 @@ def stream(url, body):
         continue
       choice = json.loads(line[6:])["choices"][0]
       texts.append(choice["text"])
+      if ids is not None:
+        ids.append(choice["token_ids"])
       finish = choice["finish_reason"] or finish
   assert done
   return texts, finish
@@ -156,6 +158,10 @@ def test_streaming_stop_strings_and_seeded_sampling(lm):
   # (random weights emit invalid UTF-8, so partial characters are held back and replaced alike)
   texts, finish = stream(server.url, sampled)
   assert len(texts) > 3 and "".join(texts) == whole and finish == "length"
+  # with token ids, one event per token
+  ids, tokens = [], httpx.post(server.url + "/v1/completions", json={**sampled, "return_token_ids": True}).json()
+  texts, _ = stream(server.url, {**sampled, "return_token_ids": True}, ids)
+  assert [len(i) for i in ids] == [1] * 40 and sum(ids, []) == tokens["choices"][0]["token_ids"] and "".join(texts) == whole
   again = post_all(server.url, [sampled] + [{**sampled, "seed": s} for s in range(6)])
   assert again[0].json()["choices"][0]["text"] == whole
   assert len({r.json()["choices"][0]["text"] for r in again}) == 7

@@ -282,7 +282,7 @@ def build_app(service: Service) -> FastAPI:
       if done:
         service.record_sequence(seq)
       with contextlib.suppress(RuntimeError):       # the event loop may be gone at shutdown
-        loop.call_soon_threadsafe(events.put_nowait, (seq, delta, done))
+        loop.call_soon_threadsafe(events.put_nowait, (seq, delta, done, len(seq.tokens)))
 
     for i, p in enumerate(prompts):
       ids = tok.encode(p) if isinstance(p, str) else np.asarray(p, np.int64)
@@ -320,15 +320,17 @@ def build_app(service: Service) -> FastAPI:
         if req.echo:
           for i, e in enumerate(echo):
             yield protocol.sse(head([protocol.choice(i, e, None)]))
-        left = len(seqs)
+        left, sent = len(seqs), [0] * len(seqs)
         while left:
-          seq, delta, done = await events.get()
+          seq, delta, done, upto = await events.get()
           if done and seq.finish_reason == "error":
             yield protocol.sse({"error": {"message": f"generation failed: {seq.error}", "type": "server_error",
                                           "param": None, "code": 500}})
-          elif delta or done:
-            yield protocol.sse(head([protocol.choice(seq.index, delta, seq.finish_reason if done else None,
-                                                     seq.tokens if done and req.return_token_ids else None)]))
+          elif delta or done or req.return_token_ids:   # with token ids, one event per token
+            ids = None
+            if req.return_token_ids:
+              ids, sent[seq.index] = seq.tokens[sent[seq.index]:upto], upto
+            yield protocol.sse(head([protocol.choice(seq.index, delta, seq.finish_reason if done else None, ids)]))
           left -= done
         if include_usage:
           p, c = usage_of()
@@ -341,7 +343,7 @@ def build_app(service: Service) -> FastAPI:
     try:
       while left:
         try:
-          _, _, done = await asyncio.wait_for(events.get(), timeout=1.0)
+          _, _, done, _ = await asyncio.wait_for(events.get(), timeout=1.0)
           left -= done
         except TimeoutError:
           if await request.is_disconnected():
