@@ -158,10 +158,10 @@ def test_streaming_stop_strings_and_seeded_sampling(lm):
   # (random weights emit invalid UTF-8, so partial characters are held back and replaced alike)
   texts, finish = stream(server.url, sampled)
   assert len(texts) > 3 and "".join(texts) == whole and finish == "length"
-  # with token ids, one event per token
+  # with token ids, every event carries the tokens since the last, text or not
   ids, tokens = [], httpx.post(server.url + "/v1/completions", json={**sampled, "return_token_ids": True}).json()
   texts, _ = stream(server.url, {**sampled, "return_token_ids": True}, ids)
-  assert [len(i) for i in ids] == [1] * 40 and sum(ids, []) == tokens["choices"][0]["token_ids"] and "".join(texts) == whole
+  assert len(ids) > 3 and all(ids) and sum(ids, []) == tokens["choices"][0]["token_ids"] and "".join(texts) == whole
   again = post_all(server.url, [sampled] + [{**sampled, "seed": s} for s in range(6)])
   assert again[0].json()["choices"][0]["text"] == whole
   assert len({r.json()["choices"][0]["text"] for r in again}) == 7

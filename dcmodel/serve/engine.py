@@ -203,8 +203,12 @@ class Engine:
     self._running: list[Sequence | None] = [None] * slots
     self._stopping = False
     self._thread: threading.Thread | None = None
-    # per slot, on the host: the token to feed next and the sampling of its sequence
+    # per slot, on the host: a just-prefilled prompt's first token (fed to the next step in
+    # place of the device's own), how many tokens its sequence has been stepped to, its sampling
     self._next = np.zeros(slots, np.int32)
+    self._fresh_token = np.zeros(slots, bool)
+    self._count = np.zeros(slots, np.int32)
+    self._last_done = 0.0
     self._temp = np.zeros(slots, np.float32)
     self._top_k = np.zeros(slots, np.int32)
     self._top_p = np.ones(slots, np.float32)
@@ -226,6 +230,8 @@ class Engine:
       self.caches = fresh(self.params)
     cache_shardings = jax.tree.map(lambda x: x.sharding, self.caches)
     self._fresh = fresh
+    # the tokens a step starts from live on the device, placed as a step leaves them (one compile)
+    self._tokens = jax.device_put(np.zeros(slots, np.int32), rep)
 
     def prefill(leaves, caches, tokens, lengths, slot_ids, temperature, top_k, top_p, seeds):
       model = merge(leaves)
@@ -240,7 +246,9 @@ class Engine:
                                        index=big.index.at[slot_ids].set(lengths, mode="drop")))
       return first, out
 
-    def decode(leaves, caches, tokens, active, temperature, top_k, top_p, seeds, counts):
+    def decode(leaves, caches, before, first, fresh, active, temperature, top_k, top_p, seeds, counts):
+      # each slot's input: the token the last step drew, or a just-prefilled prompt's first one
+      tokens = jnp.where(fresh, first, before)
       model = merge(leaves)
       logits, new = model.decode(tokens[:, None], caches)
       new = [dataclasses.replace(n, index=jnp.where(active, n.index, c.index)) for n, c in zip(new, caches)]
@@ -259,8 +267,9 @@ class Engine:
         first, self.caches = self._prefill(self.params, self.caches, np.zeros((rows, length), np.int32), np.ones(rows, np.int32),
                                            np.full(rows, self.slots, np.int32), np.zeros(rows, np.float32),
                                            np.zeros(rows, np.int32), np.ones(rows, np.float32), np.zeros(rows, np.uint32))
-      nxt, self.caches = self._decode(self.params, self.caches, self._next, np.zeros(self.slots, bool), self._temp,
-                                      self._top_k, self._top_p, self._seed, np.zeros(self.slots, np.int32))
+      nxt, self.caches = self._decode(self.params, self.caches, self._tokens, self._next, self._fresh_token,
+                                      np.zeros(self.slots, bool), self._temp, self._top_k, self._top_p, self._seed,
+                                      np.zeros(self.slots, np.int32))
       jax.block_until_ready((first, nxt))
     return time.perf_counter() - t
 
@@ -309,11 +318,16 @@ class Engine:
 
   # ---- the scheduler (engine thread)
   def _loop(self) -> None:
+    """Admit, prefill, dispatch the next decode step, then take the previous step's tokens:
+    the host's work on step k's tokens (text, stop strings, answers) overlaps the device's
+    work on step k+1, whose input tokens never leave the device. A slot whose sequence ends
+    at step k has already been stepped once more; that token is dropped."""
+    inflight = None
     while True:
       with self._cv:
-        while not self._waiting and not any(self._running) and not self._stopping:
+        while not self._waiting and not any(self._running) and inflight is None and not self._stopping:
           self._cv.wait()
-        if self._stopping and not self._waiting and not any(self._running):
+        if self._stopping and not self._waiting and not any(self._running) and inflight is None:
           return
         for seq in [s for s in self._waiting if s.cancelled]:
           self._waiting.remove(seq)
@@ -329,11 +343,14 @@ class Engine:
         for i in range(0, len(admit), self.prefill_rows):
           self._prefill_group(admit[i:i + self.prefill_rows])
         self._leave_cancelled()
-        if any(self._running):
-          self._decode_step()
+        step = self._dispatch(inflight)
+        if inflight is not None:
+          self._collect(inflight)
+        inflight = step
       except Exception as e:   # a failed step fails what it held; the engine starts over with fresh caches
         message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         traceback.print_exc()
+        inflight = None
         for slot, seq in enumerate(self._running):
           if seq is not None:
             seq.fail("error", message)
@@ -361,25 +378,38 @@ class Engine:
     if self.metrics:
       self.metrics.step("prefill", time.perf_counter() - t, len(group), int(sum(len(s.prompt_ids) for s in group)))
     for j, seq in enumerate(group):
-      self._next[seq.slot] = first[j]
+      slot = seq.slot
+      self._next[slot], self._fresh_token[slot], self._count[slot] = first[j], True, 1
       if seq.add(int(first[j]), self.eos_id):
-        self._free(seq.slot)
+        self._free(slot)
 
-  def _decode_step(self) -> None:
-    t = time.perf_counter()
-    active = np.array([s is not None for s in self._running])
-    counts = np.array([len(s.tokens) if s is not None else 0 for s in self._running], np.int32)
+  def _dispatch(self, previous):
+    """Start one decode step for every slot still owed tokens; returns it (not waited on)."""
+    active = np.array([s is not None and self._count[i] < s.params.max_tokens for i, s in enumerate(self._running)])
+    if not active.any():
+      return None
+    before = previous[0] if previous is not None else self._tokens
+    # copies: on CPU a jitted call may read a NumPy argument in place, after it returns
+    host = [a.copy() for a in (self._next, self._fresh_token, active, self._temp, self._top_k, self._top_p, self._seed,
+                               self._count)]
     with self.placed.context():
-      nxt, self.caches = self._decode(self.params, self.caches, self._next, active, self._temp, self._top_k,
-                                      self._top_p, self._seed, counts)
-      nxt = np.asarray(nxt)
+      nxt, self.caches = self._decode(self.params, self.caches, before, *host)
+    self._fresh_token[:] = False
+    self._count[active] += 1
+    return nxt, [s if a else None for s, a in zip(self._running, active)], time.perf_counter()
+
+  def _collect(self, step) -> None:
+    nxt, holders, t = step
+    nxt = np.asarray(nxt)
+    done = time.perf_counter()
     self.steps += 1
-    if self.metrics:
-      self.metrics.step("decode", time.perf_counter() - t, int(active.sum()), int(active.sum()))
-    for slot, seq in enumerate(self._running):
-      if seq is None:
+    if self.metrics:   # the step's share of the pipeline: from when the device could start it
+      busy = sum(h is not None for h in holders)
+      self.metrics.step("decode", done - max(t, self._last_done), busy, busy)
+    self._last_done = done
+    for slot, seq in enumerate(holders):
+      if seq is None or seq.done or self._running[slot] is not seq:
         continue
-      self._next[slot] = nxt[slot]
       if seq.add(int(nxt[slot]), self.eos_id):
         self._free(slot)
 

@@ -45,7 +45,8 @@ class StreamOptions(BaseModel):
 class CompletionRequest(BaseModel):
   """POST /v1/completions. `top_k` is vLLM's extension (0 or -1: the whole vocabulary);
   `return_token_ids` adds each choice's generated token ids (as vLLM's option of that name);
-  streamed, every token is then an event carrying its id (and its text, possibly held back)."""
+  streamed, every event then carries the ids of the tokens since the last one (one token per
+  event unless the client falls behind), even when their text is still held back."""
   model_config = ConfigDict(extra="forbid")
   prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
   model: StrictStr | None = None

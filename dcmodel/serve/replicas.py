@@ -25,7 +25,7 @@ import ray
 from ray import serve
 
 from dcmodel.config import Config
-from dcmodel.serve.app import Options, Service, build_app
+from dcmodel.serve.app import Options, Service, build_app, share_the_gil
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # the directory holding `dcmodel`
 
@@ -38,6 +38,7 @@ class Replica:
       tag = serve.get_replica_context().replica_tag
       options = dataclasses.replace(options, results=os.path.join(options.results, tag))
     self.service = Service.load(cfg, workdir, options, step)
+    share_the_gil()
 
   def __serve_build_asgi_app__(self):
     return build_app(self.service)
