@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = [
     ("benchmarks.step_time", ["--quick"], []),
     ("benchmarks.inference", ["--quick"], []),
+    ("benchmarks.serve", None, []),
     ("benchmarks.dataflow", ["--quick"], []),
     ("benchmarks.compression", ["--quick"], []),
     ("benchmarks.peers", None, []),

@@ -16,7 +16,8 @@ first token, failed requests. Beside them:
 - the decode step the server timed (its /metrics) against the memory-bound prediction
   `perf.accounting.decode_step_s`: every weight plus the whole slot pool's KV cache read once
   per step (the step covers all slots at full context), at this host's read bandwidth
-  (`perf.calibrate.read_bandwidth`), or the matmuls at the calibrated peak if slower;
+  (`perf.calibrate.read_bandwidth`), or the matmuls if slower: at the calibrated square-matmul
+  peak, and at the measured rate of a 16-row matmul (a decode step's shape);
 - two Ray Serve replicas (one device each) against one, through Ray's proxy, at concurrency
   16 and 64, and how the requests spread (from each replica's own /metrics).
 Run: python -m benchmarks.serve [--quick]   (writes results/serve[_quick].json and .png)
@@ -42,6 +43,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  
 import aiohttp  # noqa: E402
 import httpx  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import RESULTS, write  # noqa: E402
@@ -183,15 +185,32 @@ def decode_window(before: str, after: str) -> dict:
           "decode_tokens_per_s": rows / max(seconds, 1e-9)}
 
 
+def skinny_matmul_flops(rows: int, d: int, f: int) -> float:
+  """FLOP/s of (rows x d) @ (d x f), the shape of a decode step's weight matmuls (8 chained in
+  one call, so dispatch is not what is timed). The square-matmul peak overstates it: XLA:CPU
+  runs a 16-row matmul far below its peak."""
+  x, ws = jnp.ones((rows, d)), [jnp.ones((d, f)) * (i + 1) for i in range(8)]
+  fn = jax.jit(lambda x, ws: sum(jnp.sum(x @ w) for w in ws))
+  return 8 * 2 * rows * d * f / float(np.median(calibrate.timed_calls(fn, x, ws, repeats=15)))
+
+
 def predicted_decode(cfg, slots: int, bw: float, peak: float) -> dict:
+  """One decode step of the whole slot pool (the step always covers every slot at full
+  context): read every weight and the pool's KV cache once, or the matmuls if they take
+  longer, at the square-matmul peak (`decode_step_s` as perf states it) and at the measured
+  rate of a `slots`-row matmul (what this CPU does with a decode step's shapes)."""
   m = cfg.model
   params = accounting.transformer_params(m)
-  kv = accounting.kv_cache_bytes(m, slots, m.max_len)                # the whole pool, every step
+  kv = accounting.kv_cache_bytes(m, slots, m.max_len)
   flops = 2 * slots * params + 4 * slots * m.max_len * m.num_layers * m.d_model
   step = accounting.decode_step_s(4 * params, kv, bw, flops, peak)
-  return {"params": params, "param_bytes": 4 * params, "kv_cache_bytes": kv, "decode_step_s": step,
+  rows_rate = skinny_matmul_flops(slots, m.d_model, m.d_ff)
+  step_rows = accounting.decode_step_s(4 * params, kv, bw, flops, rows_rate)
+  return {"params": params, "param_bytes": 4 * params, "kv_cache_bytes": kv, "flops": flops, "decode_step_s": step,
           "bound": "memory" if (4 * params + kv) / bw >= flops / peak else "compute",
-          "full_pool_tokens_per_s": slots / step}
+          "full_pool_tokens_per_s": slots / step, "matmul_flops_at_slots_rows": rows_rate,
+          "decode_step_s_at_row_rate": step_rows,
+          "bound_at_row_rate": "memory" if (4 * params + kv) / bw >= flops / rows_rate else "compute"}
 
 
 def measure_model(name: str, cfg, path: Path, levels: list[int], slots: int, bw: float, peak: float, quick: bool) -> dict:
@@ -213,6 +232,7 @@ def measure_model(name: str, cfg, path: Path, levels: list[int], slots: int, bw:
   pred = predicted_decode(cfg, slots, bw, peak)
   for r in rows:
     r["decode_step_measured_over_predicted"] = r["decode_step_s"] / pred["decode_step_s"]
+    r["decode_step_measured_over_predicted_at_row_rate"] = r["decode_step_s"] / pred["decode_step_s_at_row_rate"]
     r["predicted_decode_tokens_per_s_at_busy"] = r["mean_busy_slots"] / pred["decode_step_s"]
   return {"model": name, "overrides": MODELS[name], "slots": slots, "predicted": pred, "rows": rows}
 
@@ -325,7 +345,7 @@ def main(argv=None) -> int:
     cfg, path = workdir(root, name)
     models.append(measure_model(name, cfg, path, levels, 16, bw, peak, args.quick))
   gpt_cfg, gpt_path = workdir(root, "gpt")
-  batching = batching_vs_one_at_a_time(gpt_path, 1 if args.quick else 2, 16 if args.quick else 48)
+  batching = batching_vs_one_at_a_time(gpt_path, 1 if args.quick else 3, 16 if args.quick else 48)
   ray = None if args.quick or args.no_ray else ray_replicas(gpt_cfg, gpt_path, 48)
   name = "serve" + ("_quick" if args.quick else "")
   plot(models, batching, RESULTS / f"{name}.png")
@@ -336,8 +356,11 @@ def main(argv=None) -> int:
         f"{batching['whole']['speedup']:.1f}x (whole answers) the tokens/s of one request at a time (target {batching['target']:.0f}x)")
   for m in models:
     for r in m["rows"]:
-      print(f"{m['model']} c={r['concurrency']}: decode step {1e3 * r['decode_step_s']:.2f} ms vs {1e3 * m['predicted']['decode_step_s']:.2f} "
-            f"ms predicted ({m['predicted']['bound']}-bound; measured/predicted {r['decode_step_measured_over_predicted']:.2f})")
+      pr = m["predicted"]
+      print(f"{m['model']} c={r['concurrency']}: decode step {1e3 * r['decode_step_s']:.2f} ms vs {1e3 * pr['decode_step_s']:.2f} ms "
+            f"predicted ({pr['bound']}-bound; measured/predicted {r['decode_step_measured_over_predicted']:.2f}); at the "
+            f"{m['slots']}-row matmul rate ({pr['matmul_flops_at_slots_rows'] / 1e9:.0f} GFLOP/s) {1e3 * pr['decode_step_s_at_row_rate']:.2f} ms "
+            f"({pr['bound_at_row_rate']}-bound; {r['decode_step_measured_over_predicted_at_row_rate']:.2f})")
   if ray:
     print(f"Ray Serve, 2 replicas vs 1: {ray['speedup_c16']:.2f}x at c=16, {ray['speedup_c64']:.2f}x at c=64")
   failed = sum(r["failed"] for m in models for r in m["rows"]) + batching["failed"]
