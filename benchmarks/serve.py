@@ -12,7 +12,8 @@ when the last is answered.
 Reported per model and concurrency: requests/s, output tokens/s, p50/p99 latency and time to
 first token, failed requests. Beside them:
 - continuous batching (16 slots) against one request at a time (1 slot) at concurrency 16,
-  interleaved, two rounds each;
+  interleaved, streamed and as whole answers: three rounds for the default gpt, one for the 25M
+  one;
 - the decode step the server timed (its /metrics) against the memory-bound prediction
   `perf.accounting.decode_step_s`: every weight plus the whole slot pool's KV cache read once
   per step (the step covers all slots at full context), at this host's read bandwidth
@@ -346,14 +347,20 @@ def main(argv=None) -> int:
     models.append(measure_model(name, cfg, path, levels, 16, bw, peak, args.quick))
   gpt_cfg, gpt_path = workdir(root, "gpt")
   batching = batching_vs_one_at_a_time(gpt_path, 1 if args.quick else 3, 16 if args.quick else 48)
+  batching["model"] = "gpt"
+  batching_25m = None
+  if not args.quick:     # where the weights, not the slots' KV cache, are most of what a step reads
+    batching_25m = {"model": "gpt_25m", **batching_vs_one_at_a_time(workdir(root, "gpt_25m")[1], 1, 32)}
   ray = None if args.quick or args.no_ray else ray_replicas(gpt_cfg, gpt_path, 48)
   name = "serve" + ("_quick" if args.quick else "")
   plot(models, batching, RESULTS / f"{name}.png")
   write(name, {"max_tokens": MAX_TOKENS, "server_devices": 1, "cores": os.cpu_count(),
                "calibration": {"matmul_flops": peak, "read_bw": bw}, "models": models, "batching_vs_one_at_a_time": batching,
-               "ray": ray})
-  print(f"continuous batching at concurrency 16: {batching['streamed']['speedup']:.1f}x (streamed), "
-        f"{batching['whole']['speedup']:.1f}x (whole answers) the tokens/s of one request at a time (target {batching['target']:.0f}x)")
+               "batching_vs_one_at_a_time_25m": batching_25m, "ray": ray})
+  for b in (batching, batching_25m):
+    if b:
+      print(f"continuous batching, {b['model']} at concurrency 16: {b['streamed']['speedup']:.1f}x (streamed), "
+            f"{b['whole']['speedup']:.1f}x (whole answers) the tokens/s of one request at a time (target {b['target']:.0f}x)")
   for m in models:
     for r in m["rows"]:
       pr = m["predicted"]
@@ -363,7 +370,7 @@ def main(argv=None) -> int:
             f"({pr['bound_at_row_rate']}-bound; {r['decode_step_measured_over_predicted_at_row_rate']:.2f})")
   if ray:
     print(f"Ray Serve, 2 replicas vs 1: {ray['speedup_c16']:.2f}x at c=16, {ray['speedup_c64']:.2f}x at c=64")
-  failed = sum(r["failed"] for m in models for r in m["rows"]) + batching["failed"]
+  failed = sum(r["failed"] for m in models for r in m["rows"]) + batching["failed"] + (batching_25m or {}).get("failed", 0)
   return 0 if failed == 0 else 1
 
 

@@ -20,7 +20,6 @@ index), so a seeded request draws the same tokens whatever else is in flight.
 
 from __future__ import annotations
 
-import codecs
 import collections
 import dataclasses
 import threading
@@ -196,7 +195,7 @@ class Engine:
     self.prefill_rows = prefill_rows or batch_divisor(self.mesh)
     check_batch(self.prefill_rows, self.mesh, "prefill rows")
     self.buckets = length_buckets(self.context)
-    self.eos_id = getattr(tokenizer, "eos_id", None)
+    self.eos_id = tokenizer.eos_id          # None: the tokenizer has no end of text
 
     self._cv = threading.Condition()
     self._waiting: collections.deque[Sequence] = collections.deque()
@@ -289,8 +288,8 @@ class Engine:
       if self._stopping:
         raise EngineStopped("the server is shutting down")
       if len(self._waiting) + len(seqs) > self.queue_size:
-        raise QueueFull(f"the queue is full ({len(self._waiting)} waiting, {self.queue_size} at most, "
-                        f"{self.slots} slots busy)")
+        raise QueueFull(f"the queue is full ({len(self._waiting)} waiting, {self.queue_size} at most; "
+                        f"{self.busy_slots} of {self.slots} slots busy)")
       self._waiting.extend(seqs)
       self._cv.notify()
 
