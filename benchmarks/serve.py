@@ -306,7 +306,7 @@ def ray_replicas(cfg, path: Path, requests: int) -> dict:
           "speedup_c64": out[2]["rows"][1]["output_tokens_per_s"] / out[1]["rows"][1]["output_tokens_per_s"]}
 
 
-def plot(models: list[dict], batching: dict, path: Path) -> None:
+def plot(models: list[dict], batching: list[dict], path: Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -316,8 +316,9 @@ def plot(models: list[dict], batching: dict, path: Path) -> None:
     a.plot(c, [r["output_tokens_per_s"] for r in m["rows"]], "o-", label=f"{m['model']} ({m['predicted']['params'] / 1e6:.1f}M), "
            f"{m['slots']} slots")
     b.plot(c, [r["latency_p99_s"] for r in m["rows"]], "o-", label=m["model"])
-  if batching:
-    a.plot([16], [batching["streamed"]["tokens_per_s_slots1"]], "kx", ms=9, label="gpt, 1 slot (one request at a time)")
+  for one, color in zip(batching, ("C0", "C1")):
+    a.plot([16], [one["streamed"]["tokens_per_s_slots1"]], "x", color=color, ms=9,
+           label=f"{one['model']}, 1 slot (one request at a time)")
   for ax, what in ((a, "output tokens/s"), (b, "p99 latency (s)")):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -353,7 +354,7 @@ def main(argv=None) -> int:
     batching_25m = {"model": "gpt_25m", **batching_vs_one_at_a_time(workdir(root, "gpt_25m")[1], 1, 32)}
   ray = None if args.quick or args.no_ray else ray_replicas(gpt_cfg, gpt_path, 48)
   name = "serve" + ("_quick" if args.quick else "")
-  plot(models, batching, RESULTS / f"{name}.png")
+  plot(models, [b for b in (batching, batching_25m) if b], RESULTS / f"{name}.png")
   write(name, {"max_tokens": MAX_TOKENS, "server_devices": 1, "cores": os.cpu_count(),
                "calibration": {"matmul_flops": peak, "read_bw": bw}, "models": models, "batching_vs_one_at_a_time": batching,
                "batching_vs_one_at_a_time_25m": batching_25m, "ray": ray})
