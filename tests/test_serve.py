@@ -302,6 +302,20 @@ def test_metrics_are_prometheus_text_and_answers_are_recorded(lm):
   assert sorted(got["choice"].tolist()) == [0, 1]
 
 
+def test_cli_refuses_a_bad_slot_count_and_a_taken_port(lm):
+  *_, results = lm
+  work = os.path.join(os.path.dirname(results), "w")
+  taken = app_lib.listen("127.0.0.1", 0)
+  taken.listen()
+  run = lambda *a: subprocess.run([sys.executable, "-m", "dcmodel.cli", "serve", os.path.join(work, "config.json"),
+                                   "--workdir", work, *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  for args, message in ((["--port", "0", "--slots", "3"], "--slots=3 does not divide the batch axes data x fsdp = 8"),
+                        (["--port", str(taken.getsockname()[1])], "Address already in use; choose another --port")):
+    p = run(*args)
+    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+  taken.close()
+
+
 # ---------------------------------------------------------------------------- classifiers
 
 @pytest.fixture(scope="module")
