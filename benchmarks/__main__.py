@@ -21,6 +21,7 @@ SUITE = [
     ("benchmarks.step_time", ["--quick"], []),
     ("benchmarks.published_runs", [], []),
     ("benchmarks.inference", ["--quick"], []),
+    ("benchmarks.serve", None, []),
     ("benchmarks.dataflow", ["--quick"], []),
     ("benchmarks.compression", ["--quick"], []),
     ("benchmarks.interop", ["--quick"], []),

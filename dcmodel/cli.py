@@ -111,6 +111,23 @@ def _parser() -> argparse.ArgumentParser:
   ge.add_argument("--step", type=int, default=None)
   ge.add_argument("--json", action="store_true")
 
+  sv = sub.add_parser("serve", help="answer HTTP requests: completions (gpt, continuous batching) or predictions")
+  sv.add_argument("experiment")
+  sv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  sv.add_argument("--workdir", required=True, help="the training run's directory")
+  sv.add_argument("--port", type=int, default=8000)
+  sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+  sv.add_argument("--slots", type=int, default=16, help="KV-cache slots: sequences decoded together (a multiple of the batch axes)")
+  sv.add_argument("--queue", type=int, default=256, help="requests that may wait for a slot; past it, 503 + Retry-After")
+  sv.add_argument("--results", default=None, help="append every request and answer to this results store (dcmodel query reads it)")
+  sv.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest good one)")
+  sv.add_argument("--drain-timeout", type=float, default=120.0, help="seconds SIGTERM waits for in-flight requests")
+  sv.add_argument("--replicas", type=int, default=1, help="> 1: that many replicas behind Ray Serve's proxy (pip install '.[serve-ray]')")
+  sv.add_argument("--max-replicas", type=int, default=None, help="with Ray Serve: autoscale between --replicas and this")
+  sv.add_argument("--target-ongoing-requests", type=float, default=None,
+                  help="with autoscaling: requests per replica Ray Serve aims for (default: --slots)")
+  sv.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start one on this machine)")
+
   q = sub.add_parser("query", help="read rows of a results store: by id, range, condition, top-K")
   q.add_argument("results")
   q.add_argument("--ids", default=None, help="comma-separated example ids")
@@ -288,6 +305,26 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def cmd_serve(args) -> int:
+  from dcmodel.errors import UserError
+  cfg = _load_config(args)
+  if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+    raise UserError(f"--replicas must be >= 1 and --max-replicas >= --replicas, got {args.replicas} and {args.max_replicas}")
+  if args.replicas > 1 or args.max_replicas:
+    from dcmodel.serve.replicas import serve_replicas
+    return serve_replicas(args, cfg)
+  from dcmodel.serve import app
+  sock = app.listen(args.host, args.port)   # before the model loads: a taken port fails at once
+  service = app.Service.load(cfg, args.workdir, app.Options(args.slots, args.queue, args.results), args.step)
+  print(f"[dcmodel] serving {app.describe(service)} on http://{args.host}:{sock.getsockname()[1]}"
+        + (f"; every answer appended to {args.results}" if args.results else "") + "; /healthz says 200 once compiled",
+        flush=True)
+  app.run(service, sock, args.drain_timeout)
+  rows = f", {service.recorder.rows_done} rows in {args.results}" if service.recorder else ""
+  print(f"[dcmodel] stopped after draining{rows}", flush=True)
+  return 0
+
+
 def cmd_query(args) -> int:
   import json
   import numpy as np
@@ -299,13 +336,15 @@ def cmd_query(args) -> int:
     raise UserError(f"--ids must be comma-separated integers, got '{args.ids}'") from None
   columns = args.columns.split(",") if args.columns else None
   got = query(args.results, ids, args.range, tuple(args.where), args.top, args.by, args.ascending, columns)
+  text = lambda b: b.decode("utf-8", errors="replace")
   if args.json:
-    print(json.dumps({k: v.tolist() for k, v in got.items()}))
+    print(json.dumps({k: [text(b) for b in v.tolist()] if v.dtype.kind == "S" else v.tolist() for k, v in got.items()}))
     return 0
   names = list(got)
   print("\t".join(names))
   for i in range(len(got[names[0]]) if names else 0):
     print("\t".join(np.array2string(got[k][i], precision=4, separator=",", max_line_width=10**6) if got[k].ndim > 1
+                    else json.dumps(text(got[k][i]), ensure_ascii=False) if got[k].dtype.kind == "S"
                     else (f"{got[k][i]:.4f}" if got[k].dtype.kind == "f" else str(got[k][i])) for k in names))
   return 0
 
@@ -321,8 +360,9 @@ def cmd_launch(args) -> int:
   return launch(args.processes, per, ["train", args.experiment, *args.rest])
 
 
-COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "baseline": cmd_baseline, "ingest": cmd_ingest, "inspect": cmd_inspect, "plan": cmd_plan, "bench": cmd_bench, "predict": cmd_predict,
-            "generate": cmd_generate, "query": cmd_query, "launch": cmd_launch}
+COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf,
+            "baseline": cmd_baseline, "ingest": cmd_ingest, "inspect": cmd_inspect, "plan": cmd_plan, "bench": cmd_bench,
+            "predict": cmd_predict, "generate": cmd_generate, "serve": cmd_serve, "query": cmd_query, "launch": cmd_launch}
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@
 `model.attention` names it:
   xla     jax.nn.dot_product_attention(implementation="xla"): every platform, every mask.
   cudnn   jax.nn.dot_product_attention(implementation="cudnn"): cuDNN's fused attention on an NVIDIA
-          GPU, bfloat16. Segment ids (and the KV cache's mask) go in as a boolean mask, which jax
+          GPU, bfloat16. Segment ids go in as a boolean mask, which jax
           hands to cuDNN as an additive bias; cuDNN's packed (THD) layout would skip the masked
           blocks, but jax reaches it only through a private module and only on Hopper and later.
   splash  the Pallas TPU splash-attention kernel (jax.experimental.pallas.ops.tpu.splash_attention):
@@ -13,8 +13,9 @@
           call (`unfit` says where).
 
 An explicit kernel that cannot take a whole-row call (training, evaluation) is a UserError naming
-why. Decoding against the KV cache (a `mask` per row over the cache's slots) takes the kernel
-where it fits and XLA otherwise under any setting, so every trained model can generate.
+why. Decoding does not come here: the KV cache attends in its own layout (transformer.KVCache.attend,
+plain XLA on every platform), so every trained model can generate whatever the setting. A `mask`
+given here (any per-row mask) goes to XLA under `auto`.
 """
 
 from __future__ import annotations
