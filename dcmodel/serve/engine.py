@@ -287,7 +287,9 @@ class Engine:
     with self._cv:
       if self._stopping:
         raise EngineStopped("the server is shutting down")
-      if len(self._waiting) + len(seqs) > self.queue_size:
+      # Free slots take requests the scheduler has not admitted yet; the bound is on what waits
+      # beyond them (otherwise a burst arriving before the scheduler wakes is refused early).
+      if len(self._waiting) + len(seqs) > self.queue_size + (self.slots - self.busy_slots):
         raise QueueFull(f"the queue is full ({len(self._waiting)} waiting, {self.queue_size} at most; "
                         f"{self.busy_slots} of {self.slots} slots busy)")
       self._waiting.extend(seqs)
