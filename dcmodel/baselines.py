@@ -7,7 +7,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from dcmodel.config import Config
-from dcmodel.data import documents, registry
+from dcmodel.data import documents, sources
 from dcmodel.data.dataset import Dataset
 from dcmodel.data.registry import Corpus
 from dcmodel.errors import UserError
@@ -49,7 +49,7 @@ def ngram_bits_per_byte(train: bytes, test: bytes, order: int = 2, k: float = 0.
 def corpus_bytes(cfg: Config) -> tuple[bytes, bytes]:
   """(train, held-out) documents of a corpus after cleaning, concatenated: what the n-gram fits
   and is scored on (the language model trains and is evaluated on the same documents)."""
-  src = registry.load(cfg.data)
+  src = sources.load(cfg.data)
   if not isinstance(src, Corpus):
     raise UserError(f"data.source '{cfg.data.source}' is not a document corpus")
   parts = {"train": [], "test": []}

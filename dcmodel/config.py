@@ -96,6 +96,7 @@ class TrainConfig:
   steps_per_dispatch: int = 1    # train steps run inside one jitted call (a scan): small steps stop paying host overhead
   dispatch_unroll: int = 1       # of those, steps unrolled per loop iteration: XLA:CPU runs its own convolutions (model.conv=xla) ~8x slower inside a loop
   progress: bool = True
+  max_seconds: float = 0.0       # a wall-clock budget: stop (checkpoint, final evaluation) once spent; 0: none
   profile_steps: str = ""        # "A:B": a jax.profiler trace of steps A+1..B (the B-A steps after step A) into WORKDIR/profile/
 
 
@@ -316,6 +317,8 @@ def validate(cfg: Config) -> None:
                      "checkpoint.every_steps": cfg.checkpoint.every_steps if cfg.checkpoint.enabled else 0}.items():
     if value % k:
       raise UserError(f"{key}={value} must be a multiple of train.steps_per_dispatch={k} (steps run {k} at a time)")
+  if cfg.train.max_seconds < 0:
+    raise UserError(f"train.max_seconds must be 0 (no budget) or more, got {cfg.train.max_seconds}")
   if not 0.0 < cfg.data.test_fraction < 1.0:
     raise UserError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
   if cfg.optimizer.learning_rate <= 0:
@@ -359,10 +362,22 @@ def save(cfg: Config, workdir: Path, tokenizer_sha256: str | None = None) -> Pat
   workdir refuses a run with another tokenizer (its token ids would mean other text)."""
   path = Path(workdir) / "config.json"
   record = {**to_dict(cfg), RUN_FACTS: {"tokenizer_sha256": tokenizer_sha256}}
+  record["data"]["tokenizer"] = _relative_to(cfg.data.tokenizer, Path(workdir))
   tmp = path.with_name("config.json.tmp")
   tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=list) + "\n")
   tmp.replace(path)
   return path
+
+
+def _relative_to(file: str, workdir: Path) -> str:
+  """A file inside the workdir (import-hf's tokenizer.json) is recorded relative to it, so the
+  workdir can move; loading its config.json resolves it against the file's own directory."""
+  if file in ("", "bytes"):
+    return file
+  try:
+    return str(Path(file).resolve().relative_to(workdir.resolve()))
+  except ValueError:
+    return file
 
 
 def saved(workdir: Path) -> dict | None:

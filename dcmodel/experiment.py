@@ -127,4 +127,10 @@ def from_json(path: Path) -> Config:
       kwargs["name"] = config_lib.coerce("name", values, str)
     else:
       kwargs[key] = hints[key](**_section(hints[key], values, f"{path}: {key}"))
-  return Config(model=model_cls(**_section(model_cls, model, f"{path}: model")), **kwargs)
+  cfg = Config(model=model_cls(**_section(model_cls, model, f"{path}: model")), **kwargs)
+  # A tokenizer recorded relative to the workdir (config.save does that for one inside it) is
+  # found beside this config.json wherever the directory now is.
+  tok = Path(cfg.data.tokenizer)
+  if cfg.data.tokenizer not in ("", "bytes") and not tok.is_absolute() and (path.parent / tok).is_file():
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str((path.parent / tok).resolve())))
+  return cfg

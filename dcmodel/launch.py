@@ -86,6 +86,7 @@ def launch(processes: int, devices_per_process: int, argv: list[str]) -> int:
         if rc is None:
           continue
         running.remove(child)
+        rc = 128 - rc if rc < 0 else rc     # killed by signal N (after its handlers were gone): the shell's 128 + N
         if rc != 0 and code == 0:
           code = rc
           if rc not in STOPPED:     # a failure, not a stop: the others cannot go on alone (and a

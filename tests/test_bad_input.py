@@ -115,19 +115,26 @@ def cases(tmp_path):
   ]
 
 
-def test_at_least_25_bad_inputs_fail_cleanly(tmp_path, trained, capsys):
-  listed = cases(tmp_path)
-  assert len(listed) >= 25
-  before = snapshot(trained)
+def one_line_failures(listed, capsys) -> list[str]:
+  """Run each (description, argv, fragment) through the CLI; the cases that did not fail with exit
+  2 and exactly one `dcmodel: error:` line holding the fragment."""
   failures = []
   for description, argv, fragment in listed:
     capsys.readouterr()
-    code = cli.main(["train", *argv, "--workdir", str(trained), "--set", "train.progress=false"])
+    code = cli.main(argv)
     err = capsys.readouterr().err.strip()
     lines = err.splitlines()
-    ok = code == 2 and len(lines) == 1 and lines[0].startswith("dcmodel: error: ") and fragment in lines[0]
-    if not ok:
-      failures.append(f"{description}: exit {code}, stderr {err[:400]!r}")
+    if not (code == 2 and len(lines) == 1 and lines[0].startswith("dcmodel: error: ") and fragment in lines[0]):
+      failures.append(f"{description}: exit {code}, stderr {err[-400:]!r}")
+  return failures
+
+
+def test_at_least_25_bad_inputs_fail_cleanly(tmp_path, trained, capsys):
+  listed = [(d, ["train", *argv, "--workdir", str(trained), "--set", "train.progress=false"], f)
+            for d, argv, f in cases(tmp_path)]
+  assert len(listed) >= 25
+  before = snapshot(trained)
+  failures = one_line_failures(listed, capsys)
   assert not failures, "\n".join(failures)
   assert snapshot(trained) == before, "a failed command changed the workdir"
 
@@ -196,7 +203,6 @@ def outputs(tmp_path_factory, trained):
 def resource_cases(o, trained):
   """(description, full argv, expected fragment of the one-line message)."""
   root, q = o["root"], ["--set", "train.progress=false"]
-  gpt_train = ["train", GPT, *o["corpus"]]
   clicks = str(EXPERIMENTS / "clicks_dlrm.py")
   stdlib_gpt = str(EXPERIMENTS / "stdlib_gpt.py")
   fresh = lambda name: ["--workdir", str(root / f"never-{name}")]

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, experiment
 from dcmodel.config import DataConfig
-from dcmodel.data import documents, pipeline, registry, tokenizers
+from dcmodel.data import documents, pipeline, sources, tokenizers
 from dcmodel.data.clean import Normalizer
 from dcmodel.data.dataset import Dataset
 from dcmodel.data.transforms import PackedWindows, TokenStream
@@ -82,7 +82,7 @@ def test_eval_batches_pad_with_mask():
 
 def test_unknown_source():
   with pytest.raises(UserError, match="unknown data.source 'digit'; did you mean digits"):
-    registry.load(DataConfig(source="digit"))
+    sources.load(DataConfig(source="digit"))
 
 
 def test_to_device_shards_over_batch_axes():
@@ -126,7 +126,7 @@ def corpus_cfg(path, **kw) -> DataConfig:
 
 
 def read_docs(cfg):
-  src = registry.load(cfg)
+  src = sources.load(cfg)
   reports = documents.new_reports()
   return [(split, d.text, kept) for split, d, kept in documents.classified(src, documents.document_filter(cfg), reports)], reports
 
@@ -209,7 +209,7 @@ def test_a_corpus_trains_through_the_pipeline_with_a_trained_tokenizer(tmp_path)
   counts each target's UTF-8 bytes."""
   docs = [f"def f{i}(x):\n    return x * {i} + 'naïve'\n" * (1 + i % 3) for i in range(60)]
   path = _jsonl(tmp_path / "c.jsonl", docs)
-  tok = tokenizers.train_bpe(documents.train_texts(registry.load(corpus_cfg(path)), corpus_cfg(path)), 300,
+  tok = tokenizers.train_bpe(documents.train_texts(sources.load(corpus_cfg(path)), corpus_cfg(path)), 300,
                              tmp_path / "tok.json", progress=False)
   assert tok.vocab_size <= 300 and tokenizers.load(str(tmp_path / "tok.json")).sha256 == tok.sha256
   cfg = experiment("corpus_gpt", f"data.path={path}", f"data.tokenizer={tmp_path / 'tok.json'}", "model.max_len=16",

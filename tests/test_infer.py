@@ -49,8 +49,8 @@ def test_kv_cache_greedy_equals_full_recompute(layout):
       _, caches = gen._fns(Sampling(max_new_tokens=24))[0](state, jax.numpy.zeros((8, 4), jax.numpy.int32),
                                                               jax.numpy.zeros((8,), jax.numpy.int32), jax.random.key(0))
     k = caches[0].k
-    assert k.shape == (8, 28, 2, 16)
-    assert k.addressable_shards[0].data.shape == (2, 28, 1, 16)
+    assert k.shape == (8, 2, 28, 16)
+    assert k.addressable_shards[0].data.shape == (2, 1, 28, 16)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():

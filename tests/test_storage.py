@@ -13,7 +13,7 @@ import pytest
 from conftest import EXPERIMENTS, ROOT, experiment
 from dcmodel import cli
 from dcmodel.config import DataConfig
-from dcmodel.data import documents, ingest, registry, tokenizers
+from dcmodel.data import documents, ingest, sources, tokenizers
 from dcmodel.data.clean import doc_hash
 from dcmodel.data.dataset import Dataset
 from dcmodel.data.sources import stored
@@ -88,7 +88,7 @@ def _corpus(tmp_path, n=400):
   path = tmp_path / "corpus.jsonl"
   path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
   cfg = DataConfig(source="corpus", path=str(path), test_fraction=0.1)
-  tok = tokenizers.train_bpe(documents.train_texts(registry.load(cfg), cfg), 320, tmp_path / "tok.json", progress=False)
+  tok = tokenizers.train_bpe(documents.train_texts(sources.load(cfg), cfg), 320, tmp_path / "tok.json", progress=False)
   return DataConfig(source="corpus", path=str(path), test_fraction=0.1, tokenizer=str(tmp_path / "tok.json")), tok
 
 
@@ -150,7 +150,7 @@ def test_killed_corpus_ingest_resumes_without_losing_or_repeating_a_document(tmp
   ingest.ingest(data, tmp_path / "clean", workers=1, chunk_bytes=10**9, progress=False)
   assert resumed == _stored_hashes(tmp_path / "clean")
   kept = [(s, d.index, doc_hash(d.text)) for s, d, k in
-          documents.classified(registry.load(data), documents.document_filter(data), documents.new_reports()) if k]
+          documents.classified(sources.load(data), documents.document_filter(data), documents.new_reports()) if k]
   assert sorted(resumed) == sorted(kept) and len({h for _, _, h in resumed}) == len(resumed)
   r1 = json.loads((out / "manifest.json").read_text())["cleaning"]
   r2 = json.loads((tmp_path / "clean" / "manifest.json").read_text())["cleaning"]

@@ -165,3 +165,13 @@ def test_long_stretch_between_metric_reads_does_not_abort(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2000" in out.stdout
+
+
+def test_time_budget_stops_with_a_checkpoint_and_a_final_evaluation(tmp_path):
+  cfg = experiment("digits_mlp", "train.steps=100000", "train.max_seconds=3", "train.log_every=10",
+                   "checkpoint.every_steps=100000")
+  r = train(cfg, tmp_path / "w")
+  assert r.stopped and "time budget" in r.stopped and 0 < r.steps_run < 100000
+  records = read(tmp_path / "w" / "metrics.jsonl")
+  assert [x["step"] for x in records if x["split"] == "eval"] == [r.steps_run]
+  assert sorted(int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()) == [r.steps_run]

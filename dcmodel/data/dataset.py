@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from dcmodel.config import DataConfig
-from dcmodel.data import documents, pipeline, registry, sources, tokenizers  # noqa: F401  (sources: registers them)
+from dcmodel.data import documents, pipeline, sources, tokenizers
 from dcmodel.data.clean import Normalizer, clean_rows
 from dcmodel.data.registry import Corpus, Table, Tokens
 from dcmodel.data.transforms import PackedWindows
@@ -40,10 +40,11 @@ class Dataset:
   info: dict = dataclasses.field(default_factory=dict)
   num_classes: int | None = None
   tokenizer: object = None             # corpora: the tokenizer their tokens came from
+  valid_range: tuple[float, float] = (-np.inf, np.inf)   # tables: the feature values cleaning keeps
 
   @classmethod
   def load(cls, cfg: DataConfig, spec: BatchSpec) -> "Dataset":
-    src = registry.load(cfg)
+    src = sources.load(cfg)
     ds = cls.from_corpus(src, cfg, spec) if spec.lm else cls.from_table(src, cfg, spec)
     ds.check()
     return ds
@@ -68,7 +69,7 @@ class Dataset:
     if normalizer is None and src.normalize:
       normalizer = Normalizer.fit(splits["train"].cols[src.feature], per_feature=src.normalize == "per_feature")
     return cls(src.name, splits, spec, src.feature, normalizer, src.transforms, {k: v for k, v in reports.items() if v},
-               dict(src.info), src.num_classes)
+               dict(src.info), src.num_classes, valid_range=src.valid_range)
 
   @classmethod
   def from_corpus(cls, src, cfg: DataConfig, spec: BatchSpec) -> "Dataset":

@@ -24,7 +24,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from dcmodel.config import DataConfig
-from dcmodel.data import documents, registry, tokenizers, transforms
+from dcmodel.data import documents, sources, tokenizers, transforms
 from dcmodel.data.clean import doc_hash
 from dcmodel.data.dataset import Dataset
 from dcmodel.data.registry import Corpus, Table
@@ -61,7 +61,7 @@ def ingest(cfg: DataConfig, out_dir: str | Path, shards: int = 4, workers: int |
   if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
     raise UserError(f"--out {out} is a non-empty directory without an ingest manifest; pick a new directory "
                     f"(ingest never writes into a directory it did not create)")
-  src = registry.load(cfg)
+  src = sources.load(cfg)
   if isinstance(src, Table):
     return ingest_table(src, cfg, out, shards)
   if not isinstance(src, Corpus):
@@ -104,19 +104,6 @@ def ingest_table(src: Table, cfg: DataConfig, out: Path, shards: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- corpora
-
-_WORKER_STAGE = None
-
-
-def _worker_init(spec: str) -> None:
-  global _WORKER_STAGE
-  os.environ["RAYON_NUM_THREADS"] = "1"     # one core per worker process: no thread pool inside it
-  _WORKER_STAGE = transforms.TokenizeDocuments(spec)
-
-
-def _worker_tokenize(texts: list[bytes]) -> list[np.ndarray]:
-  return _WORKER_STAGE.map(texts)
-
 
 class _Chunk:
   """The shards of one chunk being written: one ArrayRecord file per split (made when the split
@@ -194,7 +181,7 @@ def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, 
   start, resumed_at = manifest["position"], manifest["position"]
   token_dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.int32
   pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_worker_init, initargs=(cfg.tokenizer,))
+                                                 initializer=tokenizers.worker_init, initargs=(cfg.tokenizer,))
           if workers > 1 else None)
   local = transforms.TokenizeDocuments(cfg.tokenizer)
   bar = tqdm(unit="B", unit_scale=True, desc=f"ingest {src.name}", disable=not progress, dynamic_ncols=True,
@@ -204,7 +191,7 @@ def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, 
 
   def submit(batch):
     texts = [d.text for _, d in batch]
-    pending.append((batch, pool.submit(_worker_tokenize, texts) if pool else local.map(texts)))
+    pending.append((batch, pool.submit(tokenizers.worker_encode, texts) if pool else local.map(texts)))
 
   def drain(keep: int) -> None:
     nonlocal docs_done

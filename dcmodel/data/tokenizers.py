@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -165,6 +166,21 @@ def load(spec: str):
   if not path.is_file():
     raise UserError(f"tokenizer file not found: {spec} (expected 'bytes', a tokenizer.json or a SentencePiece .model)")
   return _load_file(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+# ---- tokenizing in worker processes (dcmodel ingest): this module imports no jax, so a spawned
+# worker starts light; it encodes with the same tokenizer object the Grain stage uses.
+_WORKER = None
+
+
+def worker_init(spec: str) -> None:
+  global _WORKER
+  os.environ["RAYON_NUM_THREADS"] = "1"     # one core per worker process: no thread pool inside it
+  _WORKER = load(spec)
+
+
+def worker_encode(texts: list[bytes]) -> list[np.ndarray]:
+  return _WORKER.encode_batch(texts)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out: str | Path, progress: bool = True) -> HFTokenizer:

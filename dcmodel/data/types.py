@@ -73,6 +73,22 @@ class BatchSpec:
       check_range(v, f, name, where)
 
 
+  def random(self, batch: int, seed: int = 0) -> Columns:
+    """A batch that satisfies the spec, for timing and shape checks: ids drawn in their range,
+    model inputs of floats normal, everything else (masks, weights, segment ids) ones."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, f in self.fields.items():
+      shape = (batch, *f.shape)
+      if np.dtype(f.dtype).kind in "iu" and f.high is not None:
+        out[name] = rng.integers(f.low or 0, np.asarray(f.high), shape).astype(f.dtype)
+      elif np.dtype(f.dtype).kind == "f" and name in self.inputs:
+        out[name] = rng.normal(size=shape).astype(f.dtype)
+      else:
+        out[name] = np.ones(shape, f.dtype)
+    return out
+
+
 def check_range(v: np.ndarray, f: Field, name: str, where: str) -> None:
   if not v.size or (f.low is None and f.high is None):
     return

@@ -7,11 +7,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from dcmodel import config as config_lib
 from dcmodel import resources
 from dcmodel.checkpoint import Checkpointer
 from dcmodel.config import Config
-from dcmodel.data import tokenizers
+from dcmodel.data import pipeline, tokenizers
+from dcmodel.data.types import InMemory
 from dcmodel.errors import UserError
 from dcmodel.train import state as state_lib
 
@@ -62,11 +65,33 @@ def load(cfg: Config, workdir: str | Path, step: int | None = None, devices=None
     ckpt = Checkpointer(ckpt_dir, cfg.checkpoint)
     try:
       if step is None:
-        step, state = ckpt.restore_latest(placed.target, None)
+        step, state = ckpt.restore_latest(placed.target, None, placed.fresh_optimizer)
         if state is None:
           raise UserError(f"no checkpoints in {ckpt_dir}; train first")
       else:
-        state = ckpt.restore_step(step, placed.target)
+        state = ckpt.restore_step(step, placed.target, placed.fresh_optimizer)
     finally:
       ckpt.manager.close()
   return Trained(placed, state, step, tok)
+
+
+def init_workdir(cfg: Config, workdir: str | Path, state=None, devices=None) -> Path:
+  """A workdir at step 0 without training: `cfg`'s config and a checkpoint of `state` (default:
+  a fresh initialisation), loadable like a trained run's; serving and inference benchmarks
+  need a model of the right shape, not good weights. The checkpoint's data position is step
+  0's, so `dcmodel train` can go on from it."""
+  config_lib.validate(cfg)
+  workdir = Path(workdir)
+  if (workdir / "checkpoints").exists():
+    raise UserError(f"{workdir} already holds checkpoints; pick another workdir")
+  tok = tokenizers.load(cfg.data.tokenizer) if cfg.model.batch_spec().lm else None
+  placed = state_lib.place(cfg, devices)
+  state = placed.init() if state is None else state
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_lib.save(cfg, workdir, tok.sha256 if tok else None)
+  position = pipeline.train_iterator(InMemory({"id": np.zeros(1, np.int64)}), None, None, 1, 0)
+  with placed.context():
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    ckpt.save(0, state, position)
+    ckpt.close()
+  return workdir

@@ -90,7 +90,8 @@ class Preemption(Hook):
   def _check(self, run) -> None:
     signum = self.watch.stop_signal(self.calls)
     if signum is not None:
-      run.stopping, run.stop_signal = preemption.name(signum), signum
+      run.stop(preemption.name(signum))
+      run.stop_signal = signum
 
 
 class Progress(Hook):
@@ -159,7 +160,7 @@ class Eval(Hook):
   def __call__(self, run) -> None:
     if run.step >= run.cfg.train.steps and not self.schedule.at_end:
       return                       # the last step: only the final evaluation, if asked for
-    if run.stopping and run.step < run.cfg.train.steps:
+    if run.stopping and run.step < run.cfg.train.steps and not run.evaluate_on_stop:
       return                       # stopped early (preempted): no evaluation of a partial run
     metrics = evaluate(run.eval_step, run.state(), run.dataset, "test", run.cfg.data.eval_batch_size,
                        run.placed.data_sharding, run.cfg.model.task)
@@ -228,12 +229,27 @@ class Profile(Hook):
             f"`tensorboard --logdir {self.directory}`; top ops: dcmodel bench --trace {run.workdir})", flush=True)
 
 
+class TimeBudget(Hook):
+  """train.max_seconds: stop once the budget is spent, as if the run had ended there (checkpoint
+  and final evaluation), so runs are compared at equal wall-clock time."""
+
+  def __init__(self, seconds: float):
+    self.schedule = Schedule(every_steps=1)
+    self.seconds, self.start = seconds, time.monotonic()
+
+  def __call__(self, run) -> None:
+    if time.monotonic() - self.start >= self.seconds:
+      run.stop(f"time budget of {self.seconds:.0f} s spent", evaluate=True)
+
+
 def standard(run) -> list[Hook]:
   """The hooks every run has, in the order they act on a step: the preemption check (so a stop
   is known to the others at the same step), metrics, evaluation, checkpoint, the profiler, then
   the progress bar (which shows the metrics just taken)."""
   cfg = run.cfg
-  hooks = [Preemption(), Metrics(cfg.train.log_every), Eval(cfg.train.eval_every, cfg.train.final_eval)]
+  hooks = [Preemption()]
+  hooks += [TimeBudget(cfg.train.max_seconds)] if cfg.train.max_seconds else []
+  hooks += [Metrics(cfg.train.log_every), Eval(cfg.train.eval_every, cfg.train.final_eval)]
   if run.checkpointer is not None:
     hooks.append(Checkpoint(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds, cfg.train.log_every))
   span = profile_steps(cfg.train)

@@ -69,9 +69,10 @@ class Run:
   eval_step: object
   call_sharding: object
   step: int = 0             # steps completed
-  stopping: str | None = None   # why the loop stops before train.steps (set by a hook)
+  stopping: str | None = None   # why the loop stops before train.steps (set by a hook, with stop())
   stop_signal: int | None = None   # the signal it stops on, if any
   saved_step: int | None = None    # the newest checkpoint this run saved
+  evaluate_on_stop: bool = False   # whether the final evaluation still runs after such a stop
   totals: object = None     # device-side metric sums of the current window
   window_start: float = 0.0
   window_calls: int = 0
@@ -81,6 +82,12 @@ class Run:
 
   def state(self):
     return jax.tree.unflatten(self.treedef, self.leaves)
+
+  def stop(self, reason: str, evaluate: bool = False) -> None:
+    """End the loop after this step: the at-end hooks (metrics, checkpoint, and with `evaluate`
+    the final evaluation) still run."""
+    if self.stopping is None:
+      self.stopping, self.evaluate_on_stop = reason, evaluate
 
   def write(self, record: dict) -> None:
     self.writer.write(record)
@@ -257,7 +264,7 @@ def setup(cfg: Config, workdir: str | Path, devices=None) -> Run:
                                 cfg.data.prefetch, per_call)
     with placed.context():
       ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
-      start, state = ckpt.restore_latest(placed.target, it) if ckpt else (0, None)
+      start, state = ckpt.restore_latest(placed.target, it, placed.fresh_optimizer) if ckpt else (0, None)
       if state is None:
         state = placed.init()
       pipeline.seek(it, start, per_call)

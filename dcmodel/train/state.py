@@ -23,9 +23,13 @@ from dcmodel.mesh import batch_sharding, build_mesh, rules_for
 from dcmodel.train import optimizer
 
 
+def make_optimizer(cfg: Config, model):
+  return nnx.Optimizer(model, optimizer.build(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
+
+
 def make_model_and_optimizer(cfg: Config):
   model = models.build(cfg.model, nnx.Rngs(cfg.train.seed))
-  return model, nnx.Optimizer(model, optimizer.build(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
+  return model, make_optimizer(cfg, model)
 
 
 @dataclasses.dataclass
@@ -38,6 +42,12 @@ class Placed:
   graphdef: object
   target: object
   shardings: object
+  model_graphdef: object = None
+
+  @property
+  def model_target(self):
+    """The model's part of `target` (what a model-only checkpoint holds, what import-hf fills)."""
+    return self.target[0]
 
   def context(self) -> contextlib.ExitStack:
     """The mesh and logical-axis rules every sharded computation of this state runs under."""
@@ -68,6 +78,15 @@ class Placed:
     """This process's devices of the mesh."""
     return [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
 
+  def fresh_optimizer(self, model_state):
+    """The train state from the model's state alone, with a new optimizer state (zero moments,
+    step 0): what training from imported weights starts from. The model's arrays are donated."""
+    def make(model_state):
+      model = nnx.merge(self.model_graphdef, model_state)
+      return nnx.split((model, make_optimizer(self.cfg, model)))[1]
+    with self.context():
+      return jax.jit(make, out_shardings=self.shardings, donate_argnums=0)(model_state)
+
 
 def place(cfg: Config, devices=None) -> Placed:
   """Build `cfg`'s mesh (over `devices`, default all) and its abstract, sharded state. Every
@@ -76,11 +95,12 @@ def place(cfg: Config, devices=None) -> Placed:
   mesh = build_mesh(cfg.mesh, devices)
   rules = rules_for(cfg.mesh, mesh)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: make_model_and_optimizer(cfg)))
+    abs_model, abs_opt = nnx.eval_shape(lambda: make_model_and_optimizer(cfg))
+    graphdef, abs_state = nnx.split((abs_model, abs_opt))
     shardings = nnx.get_named_sharding(abs_state, mesh)
   check_divisible(abs_state, shardings, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
-  return Placed(cfg, mesh, rules, graphdef, target, shardings)
+  return Placed(cfg, mesh, rules, graphdef, target, shardings, nnx.graphdef(abs_model))
 
 
 def check_divisible(abs_state, shardings, mesh) -> None:
