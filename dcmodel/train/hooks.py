@@ -235,10 +235,13 @@ class TimeBudget(Hook):
 
   def __init__(self, seconds: float):
     self.schedule = Schedule(every_steps=1)
-    self.seconds, self.start = seconds, time.monotonic()
+    self.seconds, self.started = seconds, time.monotonic()
+
+  def start(self, run) -> None:
+    self.started = time.monotonic()     # the budget is the loop's (set-up and restore are not in it)
 
   def __call__(self, run) -> None:
-    if time.monotonic() - self.start >= self.seconds:
+    if time.monotonic() - self.started >= self.seconds:
       run.stop(f"time budget of {self.seconds:.0f} s spent", evaluate=True)
 
 
