@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from dcmodel import config as config_lib
@@ -72,7 +73,6 @@ def predict(cfg: Config, workdir, out: str, split: str = "test", step: int | Non
   writer = results_lib.ResultsWriter(out, n, batch, columns, meta) if jax.process_index() == 0 else None
   first = (writer.done if writer else 0) // batch
   if jax.process_count() > 1:  # every process must agree where to start
-    from jax.experimental import multihost_utils
     first = int(multihost_utils.broadcast_one_to_all(np.int64(first)))
 
   t0 = time.perf_counter()
