@@ -8,14 +8,15 @@ into --dir unless --jsonl / --parquet name files of your own.
 For each corpus:   `dcmodel tokenizer train` (byte-level BPE of --vocab-size on the training split)
 -> `dcmodel ingest` (clean, tokenize in worker processes, ArrayRecord shards)
 -> `dcmodel train` of experiments/corpus_gpt.py on the shards (packed rows, 8 simulated devices)
-   for --seconds of wall-clock (train.max_seconds: a checkpoint and the final evaluation at the end)
+   for --seconds of wall-clock (train.max_seconds: a checkpoint and the final evaluation at the
+   end; half that for the Parquet corpus, which only has to show the path)
 -> `dcmodel generate` from the run, decoded through the same tokenizer.
 The JSON Lines corpus is also trained with the byte tokenizer for the same wall-clock: its test
 bits/byte (nats / ln 2 / the documents' UTF-8 bytes, so tokenizers compare) beside the BPE run's.
 Constant learning rate after warm-up (a cosine over a step count neither run reaches would
 favour the run that steps faster).
 
-Run: python -m benchmarks.own_corpus [--seconds 300] [--vocab-size 4096]. Writes results/own_corpus.json.
+Run: python -m benchmarks.own_corpus [--seconds 240] [--vocab-size 4096]. Writes results/own_corpus.json.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
   ap.add_argument("--dir", default="/tmp/dcmodel-own-corpus", help="where corpora, shards and runs go")
   ap.add_argument("--jsonl", help="a JSON Lines corpus (field `text`); default: this host's documentation")
   ap.add_argument("--parquet", help="a Parquet corpus (column `source`); default: this host's C headers")
-  ap.add_argument("--seconds", type=float, default=300, help="wall-clock of each training run")
+  ap.add_argument("--seconds", type=float, default=240, help="wall-clock of each JSON Lines training run")
   ap.add_argument("--vocab-size", type=int, default=4096)
   args = ap.parse_args(argv)
   dirs = Path(args.dir)
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
     corpora.setdefault(Path(c).suffix[1:], {"path": c})["bytes_on_disk"] = os.path.getsize(c)
   runs = {"jsonl-bpe": one(dirs, "jsonl-bpe", args.jsonl, "text", "bpe", args.vocab_size, args.seconds, True),
           "jsonl-bytes": one(dirs, "jsonl-bytes", args.jsonl, "text", "bytes", 256, args.seconds, True),
-          "parquet-bpe": one(dirs, "parquet-bpe", args.parquet, "source", "bpe", args.vocab_size, args.seconds, True)}
+          "parquet-bpe": one(dirs, "parquet-bpe", args.parquet, "source", "bpe", args.vocab_size, args.seconds / 2, True)}
   bpe, byt = runs["jsonl-bpe"]["train"], runs["jsonl-bytes"]["train"]
   report = {"corpora": corpora, "seconds": args.seconds, "vocab_size": args.vocab_size, "runs": runs,
             "bpe_vs_bytes": {"bpe_bits_per_byte": bpe["test_bits_per_byte"], "bytes_bits_per_byte": byt["test_bits_per_byte"],

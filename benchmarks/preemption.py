@@ -38,9 +38,9 @@ EXPERIMENT = ROOT / "experiments" / "digits_cnn.py"
 # Two processes stop at JAX's preemption sync point: the first step boundary after its notifier,
 # which polls once a second, has seen the signal. A step of about a second (as real training steps
 # are) puts that at the step in flight or the next; the CNN's 20-50 ms steps would put it tens of
-# steps later. So the two-process trials run the default GPT at a batch that takes ~1 s a step.
+# steps later. So the two-process trials run the default GPT (~1 s a step on 2 processes here).
 EXPERIMENT_2 = ROOT / "experiments" / "stdlib_gpt.py"
-SLOW = ["--set", "data.global_batch_size=512", "--set", "train.eval_every=0", "--set", "train.final_eval=false"]
+SLOW = ["--set", "train.eval_every=0", "--set", "train.final_eval=false"]
 MESSAGE = re.compile(r"^dcmodel: (SIGTERM|SIGINT): stopped at step (\d+) of (\d+); checkpoint \2 saved in (\S+); "
                      r"run the same command to resume$")
 
@@ -148,7 +148,7 @@ def bitwise_equal(a_dir: Path, b_dir: Path, step: int) -> bool:
 def stops(tmp: Path, name: str, signals: list[int], processes: int, rng: random.Random) -> dict:
   """One stop per signal of `signals`, each in its own launch of one workdir's run, then a last
   launch to the end, against a run left alone."""
-  steps = 12 * len(signals) + 20
+  steps = 12 * len(signals) + 40     # room after the last stop: a signal after the final step stops nothing
   ref, work = tmp / f"{name}-ref", tmp / name
   done = run(command(ref, steps, processes))
   assert done.returncode == 0, done.stderr[-3000:]
@@ -224,8 +224,10 @@ def main(argv=None) -> int:
   write("preemption" + ("_quick" if args.quick else ""), report)
   ok = all(v for k in ("sigterm_1_process", "sigterm_2_processes", "sigint_1_process") for key, v in report[k].items()
            if key.startswith(("every", "bitwise", "all_")))
-  ok &= all(o is not None and abs(o) <= 1 for k in ("sigterm_1_process", "sigterm_2_processes", "sigint_1_process")
-            for o in report[k]["off_by"])
+  # One process: the step in flight (+-1). Two: JAX's sync point, up to a second of steps (its
+  # notifier's poll) past that: at ~1 s steps, +-2.
+  ok &= all(o is not None and abs(o) <= 1 for k in ("sigterm_1_process", "sigint_1_process") for o in report[k]["off_by"])
+  ok &= all(o is not None and abs(o) <= 2 for o in report["sigterm_2_processes"]["off_by"])
   c = report["concurrent"]
   ok &= c["overlapped"] and c["second_exit"] == 2 and c["names_holder"] and c["first_bitwise_equal_to_solo"] and c["rerun_after_kill_9_bitwise_equal"]
   for k, v in report.items():
