@@ -90,7 +90,7 @@ def cli(*args, timeout=3600) -> subprocess.CompletedProcess:
 
 def final_eval(workdir: Path) -> dict:
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-  test = [r for r in records if r.get("split") == "test"]
+  test = [r for r in records if r.get("split") in ("test", "eval")]   # the held-out documents' final evaluation
   train = [r for r in records if r.get("split") == "train"]
   return {"step": test[-1]["step"], "test_bits_per_byte": test[-1]["bits_per_byte"], "test_loss": test[-1]["loss"],
           "train_tokens_per_s": sorted(r["tokens_per_s"] for r in train[1:])[len(train[1:]) // 2] if len(train) > 1 else None}

@@ -31,10 +31,13 @@ from dcmodel.data.registry import Corpus, Table
 from dcmodel.data.sources.stored import MANIFEST, encode, read_manifest, sha256
 from dcmodel.data.types import CorpusReport
 from dcmodel.errors import UserError
-from dcmodel.resources import check_count, cpu_count
+from dcmodel.resources import check_count, check_host_memory, cpu_count
 
 CHUNK_BYTES = 64 * 2 ** 20      # text per committed chunk: what a kill can cost
-BATCH_DOCS = 256                # documents per worker task
+BATCH_DOCS = 256                # documents per worker task, and at most
+BATCH_BYTES = 1 << 20           # this much text: tokenizing holds ~60 bytes per byte of text (the
+                                # library's per-token records), so a task's memory stays ~60 MiB
+TOKENIZE_BYTES_PER_BYTE = 64    # what one document's tokenization may hold, checked before it is sent
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -187,7 +190,7 @@ def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, 
   bar = tqdm(unit="B", unit_scale=True, desc=f"ingest {src.name}", disable=not progress, dynamic_ncols=True,
              smoothing=0.1)
   t0, docs_done = time.perf_counter(), 0
-  chunk, chunk_text, pending, batch = _Chunk(out, manifest["chunks"], token_dtype), 0, collections.deque(), []
+  chunk, chunk_text, pending, batch, batch_text = _Chunk(out, manifest["chunks"], token_dtype), 0, collections.deque(), [], 0
 
   def submit(batch):
     texts = [d.text for _, d in batch]
@@ -219,11 +222,16 @@ def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, 
     for split, doc, kept in documents.classified(src, filt, reports, skip=start):
       position = doc.index + 1
       if kept:
+        if len(doc.text) > BATCH_BYTES:    # one document alone: is there memory to tokenize it?
+          check_host_memory(TOKENIZE_BYTES_PER_BYTE * len(doc.text) * workers,
+                            f"tokenizing document {doc.index} of {src.name} ({len(doc.text) / 2 ** 20:.0f} MiB)",
+                            "drop such documents with --set data.max_doc_bytes=N, or use fewer --workers")
         batch.append((split, doc))
         chunk_text += len(doc.text)
-      if len(batch) >= BATCH_DOCS or (batch and chunk_text >= chunk_bytes):
+        batch_text += len(doc.text)
+      if len(batch) >= BATCH_DOCS or batch_text >= BATCH_BYTES or (batch and chunk_text >= chunk_bytes):
         submit(batch)
-        batch = []
+        batch, batch_text = [], 0
         drain(2 * workers)           # bounded: at most this many tasks in flight
       if chunk_text >= chunk_bytes:
         commit(position)
