@@ -23,6 +23,9 @@ SUITE = [
     ("benchmarks.dataflow", ["--quick"], []),
     ("benchmarks.compression", ["--quick"], []),
     ("benchmarks.peers", None, []),
+    ("benchmarks.lm_peers", None, ["--variant", "gpt"]),      # each variant < 15 minutes here
+    ("benchmarks.lm_peers", None, ["--variant", "llama"]),
+    ("benchmarks.lm_decode", None, []),
     ("benchmarks.pipeline_bubble", None, []),
     ("benchmarks.roofline", None, []),
     ("benchmarks.soak", None, []),

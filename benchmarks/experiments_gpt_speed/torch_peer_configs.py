@@ -2,7 +2,7 @@
 threads 1 or all, eager (fused Adam) or torch.compile in each CPU mode. Each configuration in its
 own process (benchmarks.peers --one ... --threads --mode), interleaved over rounds, started only
 when the shared host is quiet; the best round is reported (the least disturbed), with the median.
-The winners are peers.TORCH_THREADS and peers.TORCH_COMPILE_MODE.
+The compile mode that wins is peers.TORCH_COMPILE_MODE; threads 1 and 2 both run in the benchmark.
 
   PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.torch_peer_configs [--models mlp,cnn,rec]
 """
