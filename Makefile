@@ -1,5 +1,7 @@
 # The two set-up commands of the README: `make quickstart` and `make test`.
 # Both build .venv from pyproject.toml on first use, so a fresh clone needs only Python 3.11.
+# torch (the test extra, for transformers) is pinned to 2.13.0: these machines keep its CPU build
+# (2.13.0+cpu, which pip prefers to PyPI's CUDA build of 2.13.0) in pip's find-links.
 PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed

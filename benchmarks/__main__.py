@@ -19,9 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # (module, quick arguments or None to skip in quick mode, full arguments)
 SUITE = [
     ("benchmarks.step_time", ["--quick"], []),
+    ("benchmarks.published_runs", [], []),
     ("benchmarks.inference", ["--quick"], []),
+    ("benchmarks.serve", None, []),
     ("benchmarks.dataflow", ["--quick"], []),
     ("benchmarks.compression", ["--quick"], []),
+    ("benchmarks.interop", ["--quick"], []),
     ("benchmarks.peers", None, []),
     ("benchmarks.lm_peers", None, ["--variant", "gpt"]),      # each variant < 15 minutes here
     ("benchmarks.lm_peers", None, ["--variant", "llama"]),

@@ -13,7 +13,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import numpy as np  # noqa: E402
 
 from benchmarks.common import write  # noqa: E402
-from dcmodel import config as config_lib  # noqa: E402
+from dcmodel import experiment as experiment_lib  # noqa: E402
 from dcmodel.parallel import data_parallel  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -28,7 +28,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.quick:
     args.steps = 30
-  cfg = config_lib.apply_overrides(config_lib.load_experiment(ROOT / "experiments" / f"{args.experiment}.py"),
+  cfg = experiment_lib.load(ROOT / "experiments" / f"{args.experiment}.py",
                                    ["mesh.model=1", f"train.steps={args.steps}", "checkpoint.enabled=false"])
   runs = {mode: data_parallel.train(cfg, mode) for mode in ("none", "bf16", "int8")}
   base = runs["none"]

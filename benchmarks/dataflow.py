@@ -29,8 +29,9 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 from benchmarks.common import RESULTS, write  # noqa: E402
-from dcmodel import config as config_lib  # noqa: E402
-from dcmodel.data import pipeline, preprocess, sources  # noqa: E402
+from dcmodel import experiment as experiment_lib  # noqa: E402
+from dcmodel.data import pipeline  # noqa: E402
+from dcmodel.data.dataset import Dataset  # noqa: E402
 from dcmodel.mesh import batch_sharding, build_mesh  # noqa: E402
 from dcmodel.perf import optimize  # noqa: E402
 
@@ -56,15 +57,12 @@ def storage_bandwidth(directory: Path, mib: int = 64) -> tuple[float, float]:
 
 
 def input_rates(name: str, threads: list[int], batches: int) -> list[dict]:
-  cfg = config_lib.load_experiment(ROOT / "experiments" / f"{name}.py")
-  src = sources.load(cfg.data)
-  prep = preprocess.prepare(src)
-  mesh = build_mesh(cfg.mesh)
-  sharding = batch_sharding(mesh)
+  cfg = experiment_lib.load(ROOT / "experiments" / f"{name}.py")
+  dataset = Dataset.load(cfg.data, cfg.model.batch_spec())
+  sharding = batch_sharding(build_mesh(cfg.mesh))
   rows = []
   for n in threads:
-    it = pipeline.train_iterator(prep.splits["train"], src.feature, prep.normalizer, cfg.data.global_batch_size,
-                                 cfg.data.shuffle_seed, read_threads=n, prefetch=4 if n else 0, transforms=prep.transforms)
+    it = dataset.train_iterator(cfg.data.global_batch_size, cfg.data.shuffle_seed, read_threads=n, prefetch=4 if n else 0)
     for _ in range(5):
       host = next(it)
     t = time.perf_counter()

@@ -17,12 +17,10 @@ import statistics
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from benchmarks.common import write  # noqa: E402
-from dcmodel import config as config_lib  # noqa: E402
+from dcmodel import experiment as experiment_lib  # noqa: E402
 from dcmodel.infer.generate import Generator, Sampling  # noqa: E402
-from dcmodel.mesh import build_mesh, rules_for  # noqa: E402
 from dcmodel.perf import accounting, calibrate  # noqa: E402
 from dcmodel.train import state as state_lib  # noqa: E402
 
@@ -30,12 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(cfg, devices, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
-  mesh = build_mesh(cfg.mesh, devices)
-  rules = rules_for(cfg.mesh, mesh)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, _, shardings = state_lib.abstract_state(cfg, mesh)
-    state = state_lib.init_state(cfg, shardings)
-  gen = Generator(graphdef, state, mesh, rules)
+  placed = state_lib.place(cfg, devices)
+  mesh = placed.mesh
+  gen = Generator(placed, placed.init())
   prompts = [bytes((97 + (i + j) % 26) for j in range(prompt_len)) for i in range(batch)]
   sampling = Sampling(max_new_tokens=new)
   gen(prompts, sampling)                                    # compile prefill and decode
@@ -67,7 +62,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true")
   args = p.parse_args(argv)
-  cfg = config_lib.load_experiment(os.path.join(ROOT, "experiments", "stdlib_gpt.py"))
+  cfg = experiment_lib.load(os.path.join(ROOT, "experiments", "stdlib_gpt.py"))
   # decoding reads weights and cache: the read bandwidth of this host is its memory bound
   peak, bw = calibrate.matmul_peak((512, 1024)), calibrate.read_bandwidth(256)
   prompt_len, new = 64, 64

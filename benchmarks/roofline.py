@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import step_time  # noqa: E402
 from benchmarks.common import RESULTS, time_fn, write  # noqa: E402
-from dcmodel import config as config_lib  # noqa: E402
+from dcmodel import experiment as experiment_lib  # noqa: E402
 from dcmodel.perf import accounting, calibrate  # noqa: E402
 from dcmodel.perf.roofline import Roofline  # noqa: E402
 
@@ -37,7 +37,7 @@ TOP = 6   # ops per model, by share of the step's FLOPs
 
 
 def models():
-  cnn = config_lib.apply_overrides(config_lib.load_experiment(os.path.join(ROOT, "experiments", "digits_cnn.py")),
+  cnn = experiment_lib.load(os.path.join(ROOT, "experiments", "digits_cnn.py"),
                                    ["data.global_batch_size=32", "mesh.data=1", "mesh.model=1"])
   return {"gpt-d512": step_time.build("gpt-d512", step_time.Layout(1, 1, 1)), "cnn-b32": cnn}
 

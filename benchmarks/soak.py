@@ -40,7 +40,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from dcmodel import config as config_lib  # noqa: E402
+from dcmodel import experiment as experiment_lib  # noqa: E402
 from dcmodel.train.loop import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def main(argv=None):
   if args.runs > 1:
     return pooled(args)
 
-  cfg = config_lib.apply_overrides(config_lib.load_experiment(ROOT / "experiments" / "digits_cnn.py"), [
+  cfg = experiment_lib.load(ROOT / "experiments" / "digits_cnn.py", [
       f"train.steps={args.steps}", f"checkpoint.every_steps={args.every}", "train.log_every=100",
       "checkpoint.max_to_keep=2", "train.progress=true", *args.set])
   proc = psutil.Process()
@@ -72,7 +72,7 @@ def main(argv=None):
       steal[step] = psutil.cpu_times().steal   # all CPUs: time the hypervisor gave to other guests
 
   with tempfile.TemporaryDirectory() as work:
-    result = train(cfg, work, hooks=(record,))
+    result = train(cfg, work, batch_hooks=(record,))
 
   def per_hundred(marks):
     """Per hundred steps: the median of its 10-step block means of the intervals, without the

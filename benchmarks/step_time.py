@@ -4,16 +4,18 @@
    arrays of its own sizes: nothing a scored configuration runs.
 2. For each configuration: the analytic accounting (FLOPs, matmul bytes), XLA's memory
    traffic for the step compiled on one device, and the host prediction
-   (dcmodel.perf.layouts.predict_on_host); then the real jitted train step on the 8-device
+   (dcmodel.perf.layouts.predict_on_host: the step model the catalog chips use, on this host's
+   calibration); then the real jitted train step on the 8-device
    mesh, timed (warm-up excluded, blocked on, median of repeats).
 Writes benchmarks/results/step_time.json and PNG plots (scatter, step time by layout).
-Run: python -m benchmarks.step_time [--quick]
+Run: python -m benchmarks.step_time [--quick | --replay]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 
@@ -21,13 +23,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.common import RESULTS, time_fn, write  # noqa: E402
-from dcmodel import config as config_lib  # noqa: E402
-from dcmodel.inspect import abstract_batch, describe  # noqa: E402
-from dcmodel.mesh import batch_sharding, build_mesh, rules_for  # noqa: E402
+from dcmodel import experiment as experiment_lib  # noqa: E402
+from dcmodel.inspect import describe  # noqa: E402
 from dcmodel.perf import calibrate as calibrate_lib  # noqa: E402
 from dcmodel.perf.accounting import account  # noqa: E402
 from dcmodel.perf.layouts import Layout, predict_on_host  # noqa: E402
@@ -49,7 +49,7 @@ def configs(quick: bool):
 
 def build(size: str, layout: Layout):
   sets = SIZES[size] + [f"mesh.data={layout.data}", f"mesh.fsdp={layout.fsdp}", f"mesh.model={layout.model}"]
-  return config_lib.apply_overrides(config_lib.load_experiment(os.path.join(ROOT, "experiments", "stdlib_gpt.py")), sets)
+  return experiment_lib.load(os.path.join(ROOT, "experiments", "stdlib_gpt.py"), sets)
 
 
 def one_device_bytes(cfg) -> float:
@@ -60,16 +60,11 @@ def one_device_bytes(cfg) -> float:
 
 def measure(cfg, repeats: int) -> dict:
   """Timing of the real train step on the configured mesh."""
-  mesh = build_mesh(cfg.mesh)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
-    graphdef, target, shardings = state_lib.abstract_state(cfg, mesh)
-    state = state_lib.init_state(cfg, shardings)
-    data = batch_sharding(mesh)
-    step = make_train_step(graphdef, tasks.get(cfg.model.task), shardings, data)
-    spec = abstract_batch(cfg, data)
-    rng = np.random.default_rng(0)
-    batch = {k: jax.device_put((np.ones if k == "mask" else lambda s, d: rng.integers(0, 256, s).astype(d))(v.shape, v.dtype), data)
-             for k, v in spec.items()}
+  placed = state_lib.place(cfg)
+  with placed.context():
+    state, data, spec = placed.init(), placed.data_sharding, cfg.model.batch_spec()
+    step = make_train_step(placed.graphdef, tasks.get(cfg.model.task), placed.shardings, data, spec.inputs)
+    batch = jax.device_put(spec.random(cfg.data.global_batch_size), data)
     holder = [state]
 
     def run():
@@ -79,10 +74,31 @@ def measure(cfg, repeats: int) -> dict:
     return time_fn(run, repeats=repeats, warmup=3)
 
 
+def replay() -> int:
+  """The stored sweep's measurements (results/step_time.json, results/calibration.json) against
+  today's step model: a model change checked without timing anything on a busy machine."""
+  stored = json.loads((RESULTS / "step_time.json").read_text())
+  cal = calibrate_lib.HostCalibration.load(RESULTS / "calibration.json")
+  errors = []
+  for r in stored["rows"]:
+    layout = Layout(*r["mesh"])
+    cfg = build(r["model"], layout)
+    pred = predict_on_host(account(cfg), cfg.model, layout, cal, r["one_device_bytes_accessed"])
+    errors.append(pred.step_s / r["measured_s"] - 1)
+    print(f"{r['model']:10s} {layout.name():14s} predicted {pred.step_s:6.3f}s (stored {r['predicted_s']:6.3f}s) "
+          f"measured {r['measured_s']:6.3f}s {errors[-1]:+6.1%}")
+  e = np.abs(errors)
+  print(f"replayed: median |error| {np.median(e):.1%}, worst {e.max():.1%} over {len(e)} configs")
+  return 0 if np.median(e) <= 0.15 and e.max() <= 0.35 else 1
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--replay", action="store_true", help="re-predict the stored measurements with today's model; time nothing")
   args = p.parse_args(argv)
+  if args.replay:
+    return replay()
   t0 = time.perf_counter()
   cal = calibrate_lib.calibrate(quick=args.quick)
   cal.save(RESULTS / ("calibration_quick.json" if args.quick else "calibration.json"))
@@ -98,7 +114,8 @@ def main(argv=None) -> int:
                  "params": acc.params, "flops_per_step": acc.flops_per_step, "one_device_bytes_accessed": bytes_accessed,
                  "predicted_s": pred.step_s, "measured_s": measured, "spread": timing["spread"],
                  "error": pred.step_s / measured - 1, "bottleneck": pred.bottleneck,
-                 "predicted_terms_s": {"compute": pred.compute_s, "memory": pred.memory_s, **pred.comm_s},
+                 "predicted_terms_s": {"compute": pred.compute_s, "recompute": pred.recompute_s, "memory": pred.memory_s,
+                                           "bubble": pred.bubble_s, **pred.comm_s},
                  "mfu_measured": acc.flops_per_step / (measured * cal.matmul_flops)})
   errors = np.abs([r["error"] for r in rows])
   summary = {"configs": len(rows), "median_abs_error": float(np.median(errors)), "max_abs_error": float(np.max(errors)),

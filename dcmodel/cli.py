@@ -1,4 +1,4 @@
-"""`dcmodel train | ...`: the command line. User errors print one line and exit 2.
+"""`dcmodel train | import-hf | export-hf | ...`: the command line. User errors print one line and exit 2.
 
 On a host without accelerators the CPU is split into --host-devices simulated devices (8 by
 default) so every mesh layout runs here; the flag only touches the CPU platform, so the same
@@ -35,7 +35,27 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("experiment")
   g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   g.add_argument("--out", required=True, help="directory to create")
-  g.add_argument("--shards", type=int, default=4, help="train-split shards")
+  g.add_argument("--shards", type=int, default=4, help="train-split shards (tables)")
+  g.add_argument("--workers", type=int, default=None, help="tokenizer processes (corpora; default: one per core)")
+  g.add_argument("--chunk-mb", type=float, default=64, help="text per committed chunk (corpora): what a kill can cost")
+
+  tk = sub.add_parser("tokenizer", help="train a tokenizer on an experiment's training documents")
+  tk_sub = tk.add_subparsers(dest="tokenizer_command", required=True)
+  tt = tk_sub.add_parser("train", help="byte-level BPE (Hugging Face tokenizers) on the training split only")
+  tt.add_argument("experiment")
+  tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  tt.add_argument("--vocab-size", type=int, required=True)
+  tt.add_argument("--out", required=True, help="the tokenizer.json to write")
+
+  ih = sub.add_parser("import-hf", help="a Hugging Face GPT-2 or Llama directory -> a workdir (config.json, tokenizer, step-0 checkpoint)")
+  ih.add_argument("hf_dir", help="directory with config.json and *.safetensors (and tokenizer.json)")
+  ih.add_argument("--workdir", required=True, help="the new workdir to write")
+  ih.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the experiment written")
+
+  eh = sub.add_parser("export-hf", help="a gpt workdir's newest checkpoint -> a Hugging Face directory transformers loads")
+  eh.add_argument("workdir")
+  eh.add_argument("--out", required=True, help="the directory to write (new or empty)")
+  eh.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. the mesh to restore on")
 
   b = sub.add_parser("baseline", help="the baseline the experiment's model must beat, fitted on the same training data")
   b.add_argument("experiment")
@@ -56,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
   pl.add_argument("--chips-per-host", type=int, default=None)
   pl.add_argument("--compression", default="none", choices=("none", "bf16", "int8"),
                   help="gradient all-reduce payload over the data axis (parallel.allreduce)")
+  pl.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                  help="evaluate this layout only, e.g. data=6,model=8,stage=64 (axes data, fsdp, model, stage; others 1)")
+  pl.add_argument("--microbatches", type=int, default=None,
+                  help="microbatches per step and replica (default: 1, or one sequence each when pipelined)")
+  pl.add_argument("--interleave", type=int, default=1, help="model chunks per pipeline stage (interleaved 1F1B)")
+  pl.add_argument("--attention", default="dense", choices=("dense", "dense-dropout", "flash"),
+                  help="dense: the T x T scores go through HBM (dcmodel's model); dense-dropout: and dropout on "
+                       "them (Megatron's GPT); flash: a fused kernel keeps them on chip")
   pl.add_argument("--json", action="store_true")
 
   be = sub.add_parser("bench", help="run the benchmark suite (from a source checkout): predicted vs measured")
@@ -83,6 +111,23 @@ def _parser() -> argparse.ArgumentParser:
   ge.add_argument("--step", type=int, default=None)
   ge.add_argument("--json", action="store_true")
 
+  sv = sub.add_parser("serve", help="answer HTTP requests: completions (gpt, continuous batching) or predictions")
+  sv.add_argument("experiment")
+  sv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  sv.add_argument("--workdir", required=True, help="the training run's directory")
+  sv.add_argument("--port", type=int, default=8000)
+  sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+  sv.add_argument("--slots", type=int, default=16, help="KV-cache slots: sequences decoded together (a multiple of the batch axes)")
+  sv.add_argument("--queue", type=int, default=256, help="requests that may wait for a slot; past it, 503 + Retry-After")
+  sv.add_argument("--results", default=None, help="append every request and answer to this results store (dcmodel query reads it)")
+  sv.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest good one)")
+  sv.add_argument("--drain-timeout", type=float, default=120.0, help="seconds SIGTERM waits for in-flight requests")
+  sv.add_argument("--replicas", type=int, default=1, help="> 1: that many replicas behind Ray Serve's proxy (pip install '.[serve-ray]')")
+  sv.add_argument("--max-replicas", type=int, default=None, help="with Ray Serve: autoscale between --replicas and this")
+  sv.add_argument("--target-ongoing-requests", type=float, default=None,
+                  help="with autoscaling: requests per replica Ray Serve aims for (default: --slots)")
+  sv.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start one on this machine)")
+
   q = sub.add_parser("query", help="read rows of a results store: by id, range, condition, top-K")
   q.add_argument("results")
   q.add_argument("--ids", default=None, help="comma-separated example ids")
@@ -104,9 +149,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_config(args):
-  from dcmodel import config as config_lib
-  cfg = config_lib.load_experiment(args.experiment)
-  return config_lib.apply_overrides(cfg, args.set)
+  from dcmodel import experiment
+  return experiment.load(args.experiment, args.set)
 
 
 def cmd_train(args) -> int:
@@ -117,8 +161,47 @@ def cmd_train(args) -> int:
   m = result.final_eval
   acc = "".join(f" {k} {m[k]:.4f}" for k in ("accuracy", "auc", "bits_per_byte") if k in m)
   test = f"test loss {m['loss']:.4f}{acc} on {m['examples']} examples" if m else "no final evaluation"
-  print(f"[dcmodel] {cfg.name}: step {result.start_step + result.steps_run}, {test}; {result.steps_run} steps in {result.wall_s:.1f}s "
-        f"on mesh {dict(result.mesh.shape)}; workdir {workdir}")
+  stopped = f" (stopped early: {result.stopped})" if result.stopped else ""
+  print(f"[dcmodel] {cfg.name}: step {result.start_step + result.steps_run}{stopped}, {test}; {result.steps_run} steps in "
+        f"{result.wall_s:.1f}s on mesh {dict(result.mesh.shape)}; workdir {workdir}")
+  return 0
+
+
+def cmd_tokenizer(args) -> int:
+  from pathlib import Path
+  from dcmodel.data import documents, sources, tokenizers
+  from dcmodel.data.registry import Corpus
+  from dcmodel.errors import UserError
+  cfg = _load_config(args)
+  out = Path(args.out)
+  if out.exists():
+    raise UserError(f"--out {out} exists; the tokenizer is written to a new file (nothing is overwritten)")
+  src = sources.load(cfg.data)
+  if not isinstance(src, Corpus):
+    raise UserError(f"data.source '{cfg.data.source}' is not a document corpus; a tokenizer trains on documents "
+                    f"(data.source=corpus with data.path=..., or stdlib_text)")
+  tok = tokenizers.train_bpe(documents.train_texts(src, cfg.data), args.vocab_size, out, progress=cfg.train.progress)
+  print(f"[dcmodel] trained a byte-level BPE of {tok.vocab_size} tokens on the training documents of {src.name} "
+        f"into {out} (sha256 {tok.sha256[:12]}); use it with --set data.tokenizer={out}")
+  return 0
+
+
+def cmd_import_hf(args) -> int:
+  from dcmodel.interop.hf import import_hf
+  got = import_hf(args.hf_dir, args.workdir, args.set)
+  mib = got.bytes_read / 2**20
+  print(f"[dcmodel] imported {got.params:,} parameters ({mib:.1f} MiB of safetensors read and placed in {got.read_s:.2f}s, "
+        f"{mib / max(got.read_s, 1e-9):.0f} MiB/s) onto mesh {got.mesh or '1 device'}; "
+        f"step-0 checkpoint written and verified in {got.save_s:.1f}s; run it with {got.workdir / 'config.json'} "
+        f"--workdir {got.workdir} (fine-tune: --set data.path=CORPUS)")
+  return 0
+
+
+def cmd_export_hf(args) -> int:
+  from dcmodel.interop.hf import export_hf
+  got = export_hf(args.workdir, args.out, args.set)
+  print(f"[dcmodel] exported step {got.step} of {args.workdir} as {got.architecture} ({got.tensors} tensors) into {got.out}; "
+        f"load it with transformers.AutoModelForCausalLM.from_pretrained('{got.out}')")
   return 0
 
 
@@ -133,12 +216,20 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-  from dcmodel.data import storage
-  m = storage.ingest(_load_config(args).data, args.out, args.shards)
+  from dcmodel.data import ingest
+  from dcmodel.errors import UserError
+  if not 1 / 16 <= args.chunk_mb <= 64 * 1024:
+    raise UserError(f"--chunk-mb {args.chunk_mb:g}: expected 0.0625 (64 KiB) to 65536 MiB of text per committed chunk")
+  cfg = _load_config(args)
+  m = ingest.ingest(cfg.data, args.out, args.shards, args.workers, int(args.chunk_mb * 2 ** 20), progress=cfg.train.progress)
   counts = {s: sum(e["records"] for e in v) for s, v in m["splits"].items()}
-  print(f"[dcmodel] ingested {m['source']} into {args.out}: {counts} records, "
-        f"{sum(len(v) for v in m['splits'].values())} files; train with --set data.source=arrayrecord "
-        f"--set data.options=\"{{'path': '{args.out}'}}\"")
+  what = "documents" if m["kind"] == "tokens" else "records"
+  tokens = ({s: sum(e["tokens"] for e in v) for s, v in m["splits"].items()} if m["kind"] == "tokens" else None)
+  extra = f", {tokens} tokens" if tokens else ""
+  resumed = m.get("ingest", {}).get("resumed_at_document")
+  print(f"[dcmodel] ingested {m['source']} into {args.out}: {counts} {what}{extra}, "
+        f"{sum(len(v) for v in m['splits'].values())} shards" + (f" (resumed at document {resumed})" if resumed else "")
+        + f"; train with --set data.source=arrayrecord --set data.path={args.out}")
   return 0
 
 
@@ -161,8 +252,9 @@ def cmd_inspect(args) -> int:
 
 def cmd_plan(args) -> int:
   import json
-  from dcmodel.perf.plan import plan, render
-  out = plan(_load_config(args), args.hardware, args.chips, args.chips_per_host, args.compression)
+  from dcmodel.perf.plan import parse_mesh, plan, render
+  out = plan(_load_config(args), args.hardware, args.chips, args.chips_per_host, args.compression,
+             parse_mesh(args.mesh) if args.mesh else None, args.microbatches, args.interleave, args.attention)
   print(json.dumps(out, indent=2) if args.json else render(out))
   return 0
 
@@ -198,7 +290,7 @@ def cmd_generate(args) -> int:
     raise UserError(f"generate needs a gpt experiment; {args.experiment} trains '{cfg.model.name}'")
   trained = load(cfg, args.workdir, args.step)
   prompts = [p.replace("\\n", "\n").replace("\\t", "\t").encode() for p in args.prompt]
-  gen = Generator(trained.graphdef, trained.state, trained.mesh, trained.rules)
+  gen = Generator(trained.placed, trained.state, trained.tokenizer)
   out = gen(prompts, Sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed))
   texts = [t.decode("utf-8", errors="replace") for t in out.texts]
   if args.json:
@@ -213,6 +305,26 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def cmd_serve(args) -> int:
+  from dcmodel.errors import UserError
+  cfg = _load_config(args)
+  if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+    raise UserError(f"--replicas must be >= 1 and --max-replicas >= --replicas, got {args.replicas} and {args.max_replicas}")
+  if args.replicas > 1 or args.max_replicas:
+    from dcmodel.serve.replicas import serve_replicas
+    return serve_replicas(args, cfg)
+  from dcmodel.serve import app
+  sock = app.listen(args.host, args.port)   # before the model loads: a taken port fails at once
+  service = app.Service.load(cfg, args.workdir, app.Options(args.slots, args.queue, args.results), args.step)
+  print(f"[dcmodel] serving {app.describe(service)} on http://{args.host}:{sock.getsockname()[1]}"
+        + (f"; every answer appended to {args.results}" if args.results else "") + "; /healthz says 200 once compiled",
+        flush=True)
+  app.run(service, sock, args.drain_timeout)
+  rows = f", {service.recorder.rows_done} rows in {args.results}" if service.recorder else ""
+  print(f"[dcmodel] stopped after draining{rows}", flush=True)
+  return 0
+
+
 def cmd_query(args) -> int:
   import json
   import numpy as np
@@ -224,13 +336,15 @@ def cmd_query(args) -> int:
     raise UserError(f"--ids must be comma-separated integers, got '{args.ids}'") from None
   columns = args.columns.split(",") if args.columns else None
   got = query(args.results, ids, args.range, tuple(args.where), args.top, args.by, args.ascending, columns)
+  text = lambda b: b.decode("utf-8", errors="replace")
   if args.json:
-    print(json.dumps({k: v.tolist() for k, v in got.items()}))
+    print(json.dumps({k: [text(b) for b in v.tolist()] if v.dtype.kind == "S" else v.tolist() for k, v in got.items()}))
     return 0
   names = list(got)
   print("\t".join(names))
   for i in range(len(got[names[0]]) if names else 0):
     print("\t".join(np.array2string(got[k][i], precision=4, separator=",", max_line_width=10**6) if got[k].ndim > 1
+                    else json.dumps(text(got[k][i]), ensure_ascii=False) if got[k].dtype.kind == "S"
                     else (f"{got[k][i]:.4f}" if got[k].dtype.kind == "f" else str(got[k][i])) for k in names))
   return 0
 
@@ -246,8 +360,9 @@ def cmd_launch(args) -> int:
   return launch(args.processes, per, ["train", args.experiment, *args.rest])
 
 
-COMMANDS = {"train": cmd_train, "baseline": cmd_baseline, "ingest": cmd_ingest, "inspect": cmd_inspect, "plan": cmd_plan, "bench": cmd_bench, "predict": cmd_predict,
-            "generate": cmd_generate, "query": cmd_query, "launch": cmd_launch}
+COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf,
+            "baseline": cmd_baseline, "ingest": cmd_ingest, "inspect": cmd_inspect, "plan": cmd_plan, "bench": cmd_bench,
+            "predict": cmd_predict, "generate": cmd_generate, "serve": cmd_serve, "query": cmd_query, "launch": cmd_launch}
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,6 @@ import ast
 import dataclasses
 import difflib
 import hashlib
-import importlib.util
 import json
 import types
 import typing
@@ -23,6 +22,18 @@ from dcmodel.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   source: str = "digits"
+  # A user's data: a file, a directory or a glob. Corpora (source=corpus) by extension: .jsonl,
+  # .parquet, .db/.sqlite (with `query`), anything else one text document per file; tables
+  # (source=npz|csv); an ingested directory (source=arrayrecord).
+  path: str = ""
+  text_field: str = "text"       # JSONL key / Parquet or SQL column holding a document's text
+  query: str = ""                # SQL for a database corpus, e.g. "SELECT body AS text, id FROM docs"
+  sql_driver: str = "sqlite3"    # any DB-API 2.0 module whose connect() takes `path`
+  tokenizer: str = "bytes"       # bytes | a tokenizer.json | a SentencePiece .model
+  on_bad_record: str = "error"   # error | skip (skipped records are counted in the cleaning report)
+  dedup: bool = True             # drop exact duplicate documents (by SHA-256)
+  min_doc_bytes: int = 1         # documents shorter than this are dropped (counted)
+  max_doc_bytes: int = 0         # ... and longer than this (0: no limit)
   global_batch_size: int = 128
   eval_batch_size: int = 128
   test_fraction: float = 0.2
@@ -85,6 +96,7 @@ class TrainConfig:
   steps_per_dispatch: int = 1    # train steps run inside one jitted call (a scan): small steps stop paying host overhead
   dispatch_unroll: int = 1       # of those, steps unrolled per loop iteration: XLA:CPU runs its own convolutions (model.conv=xla) ~8x slower inside a loop
   progress: bool = True
+  max_seconds: float = 0.0       # a wall-clock budget: stop (checkpoint, final evaluation) once spent; 0: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,31 +116,6 @@ class Config:
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   name: str = "experiment"
-
-
-# ---------------------------------------------------------------------------- loading
-
-def load_experiment(path: str | Path) -> Config:
-  """Import an experiment file and call its `get_config()`."""
-  path = Path(path)
-  if not path.is_file():
-    raise UserError(f"experiment file not found: {path} (expected a Python file in experiments/)")
-  spec = importlib.util.spec_from_file_location(f"_dcmodel_experiment_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except SyntaxError as e:
-    raise UserError(f"experiment file {path} is not valid Python: line {e.lineno}: {e.msg}") from e
-  except UserError:
-    raise
-  except Exception as e:
-    raise UserError(f"experiment file {path} failed to import: {type(e).__name__}: {e}") from e
-  if not hasattr(module, "get_config"):
-    raise UserError(f"experiment file {path} has no get_config() function returning a dcmodel Config")
-  cfg = module.get_config()
-  if not isinstance(cfg, Config):
-    raise UserError(f"{path}: get_config() returned {type(cfg).__name__}, expected dcmodel.config.Config")
-  return cfg
 
 
 # ---------------------------------------------------------------------------- overrides
@@ -154,7 +141,7 @@ def _type_name(tp) -> str:
   return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(key: str, raw: Any, tp) -> Any:
+def coerce(key: str, raw: Any, tp) -> Any:
   """Check `raw` (already literal-parsed) against the annotated type `tp`."""
   origin = typing.get_origin(tp)
   args = typing.get_args(tp)
@@ -163,7 +150,7 @@ def _coerce(key: str, raw: Any, tp) -> Any:
   if origin in (typing.Union, types.UnionType):
     for arg in args:
       try:
-        return _coerce(key, raw, arg)
+        return coerce(key, raw, arg)
       except UserError:
         continue
     raise UserError(f"{key}: expected {_type_name(tp)}, got {raw!r}")
@@ -191,10 +178,10 @@ def _coerce(key: str, raw: Any, tp) -> Any:
     if not isinstance(raw, (tuple, list)):
       raise UserError(f"{key}: expected {_type_name(tp)} (e.g. (1, 2)), got {raw!r}")
     if len(args) == 2 and args[1] is Ellipsis:
-      return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(raw))
+      return tuple(coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(raw))
     if args and len(args) != len(raw):
       raise UserError(f"{key}: expected {len(args)} items, got {len(raw)}")
-    return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(raw, args or [Any] * len(raw))))
+    return tuple(coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(raw, args or [Any] * len(raw))))
   if origin is dict:
     if not isinstance(raw, dict):
       raise UserError(f"{key}: expected a dict (e.g. {{'a': 1}}), got {raw!r}")
@@ -236,7 +223,7 @@ def override(cfg, key: str, text: str, _full: str | None = None, _root=None):
     return dataclasses.replace(cfg, **{head: override(current, rest, text, full, root)})
   if dataclasses.is_dataclass(current):
     raise UserError(f"config key '{full}' is a section; set one of its fields, e.g. {full}.{next(iter(_fields(current)))}=...")
-  value = _coerce(full, _parse_literal(text), _resolved_hints(cfg)[head])
+  value = coerce(full, _parse_literal(text), _resolved_hints(cfg)[head])
   return dataclasses.replace(cfg, **{head: value})
 
 
@@ -268,6 +255,10 @@ def validate(cfg: Config) -> None:
   for key, value in positive.items():
     if value <= 0:
       raise UserError(f"{key} must be a positive integer, got {value}")
+  if cfg.data.on_bad_record not in ("error", "skip"):
+    raise UserError(f"data.on_bad_record must be 'error' or 'skip', got '{cfg.data.on_bad_record}'")
+  if cfg.data.min_doc_bytes < 0 or cfg.data.max_doc_bytes < 0:
+    raise UserError("data.min_doc_bytes and data.max_doc_bytes must be 0 or more")
   for key, value in {"data.read_threads": cfg.data.read_threads, "data.prefetch": cfg.data.prefetch}.items():
     if value < 0:   # 0 read threads: Grain reads in the consuming thread
       raise UserError(f"{key} must be 0 or more, got {value}")
@@ -277,6 +268,8 @@ def validate(cfg: Config) -> None:
                      "checkpoint.every_steps": cfg.checkpoint.every_steps if cfg.checkpoint.enabled else 0}.items():
     if value % k:
       raise UserError(f"{key}={value} must be a multiple of train.steps_per_dispatch={k} (steps run {k} at a time)")
+  if cfg.train.max_seconds < 0:
+    raise UserError(f"train.max_seconds must be 0 (no budget) or more, got {cfg.train.max_seconds}")
   if not 0.0 < cfg.data.test_fraction < 1.0:
     raise UserError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
   if cfg.optimizer.learning_rate <= 0:
@@ -312,21 +305,52 @@ def config_hash(cfg: Config) -> str:
   return hashlib.sha256(to_json(cfg).encode()).hexdigest()[:16]
 
 
-def save(cfg: Config, workdir: Path) -> Path:
+RUN_FACTS = "_run"   # config.json's record of facts derived at run time (not config fields)
+
+
+def save(cfg: Config, workdir: Path, tokenizer_sha256: str | None = None) -> Path:
+  """The resolved config as WORKDIR/config.json, with the tokenizer it was trained with: a
+  workdir refuses a run with another tokenizer (its token ids would mean other text)."""
   path = Path(workdir) / "config.json"
-  path.write_text(to_json(cfg) + "\n")
+  record = {**to_dict(cfg), RUN_FACTS: {"tokenizer_sha256": tokenizer_sha256}}
+  record["data"]["tokenizer"] = _relative_to(cfg.data.tokenizer, Path(workdir))
+  tmp = path.with_name("config.json.tmp")
+  tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=list) + "\n")
+  tmp.replace(path)
   return path
 
 
-def saved_model(workdir: Path) -> dict | None:
-  """The model section of the config saved in `workdir` by training, if any."""
+def _relative_to(file: str, workdir: Path) -> str:
+  """A file inside the workdir (import-hf's tokenizer.json) is recorded relative to it, so the
+  workdir can move; loading its config.json resolves it against the file's own directory."""
+  if file in ("", "bytes"):
+    return file
+  try:
+    return str(Path(file).resolve().relative_to(workdir.resolve()))
+  except ValueError:
+    return file
+
+
+def saved(workdir: Path) -> dict | None:
+  """The config saved in `workdir` by training (or import-hf), if any."""
   path = Path(workdir) / "config.json"
   if not path.exists():
     return None
   try:
-    return json.loads(path.read_text()).get("model")
+    return json.loads(path.read_text())
   except json.JSONDecodeError:
     raise UserError(f"{path} is not valid JSON; move the workdir aside or pick another --workdir")
+
+
+def saved_model(workdir: Path) -> dict | None:
+  """The model section of the config saved in `workdir`, if any."""
+  got = saved(workdir)
+  return None if got is None else got.get("model")
+
+
+def saved_tokenizer(workdir: Path) -> str | None:
+  got = saved(workdir)
+  return None if got is None else (got.get(RUN_FACTS) or {}).get("tokenizer_sha256")
 
 
 def same_model(cfg: Config, saved: dict) -> bool:

@@ -11,6 +11,7 @@ import math
 
 import jax
 import numpy as np
+from flax.core import spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dcmodel.config import MeshConfig
@@ -101,11 +102,15 @@ def rules_for(cfg: MeshConfig, mesh: Mesh) -> tuple[tuple[str, object], ...]:
   return tuple((logical, keep(given.get(logical))) for logical in LOGICAL_AXES)
 
 
+def logical_spec(logical_axes: tuple) -> P:
+  """The PartitionSpec that logical axes take under the active rules."""
+  return P(*spmd.apply_rules(logical_axes, None))
+
+
 def constrain(x, logical_axes: tuple):
   """Pin an activation's layout by logical axes (under the active rules and mesh); a no-op
   outside a mesh, so models also run unsharded."""
-  from flax.core import spmd
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, P(*spmd.apply_rules(logical_axes, None)))
+  return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes))

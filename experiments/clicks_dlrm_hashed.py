@@ -4,11 +4,11 @@ hashed into 4x as many table rows as there are categories by the Grain pipeline 
 import dataclasses
 from pathlib import Path
 
-from dcmodel.config import load_experiment
+from dcmodel.experiment import from_python
 
 
 def get_config():
-  cfg = load_experiment(Path(__file__).with_name("clicks_dlrm.py"))
+  cfg = from_python(Path(__file__).with_name("clicks_dlrm.py"))
   buckets = tuple(4 * n for n in cfg.data.options["table_sizes"])
   return dataclasses.replace(
       cfg, name="clicks_dlrm_hashed", model=dataclasses.replace(cfg.model, table_sizes=buckets),

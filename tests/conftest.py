@@ -27,9 +27,8 @@ EXPERIMENTS = ROOT / "experiments"
 
 def experiment(name: str, *overrides: str):
   """Load experiments/<name>.py with --set style overrides; quiet and fast by default."""
-  from dcmodel import config as config_lib
-  cfg = config_lib.load_experiment(EXPERIMENTS / f"{name}.py")
-  return config_lib.apply_overrides(cfg, ["train.progress=false", *overrides])
+  from dcmodel import experiment as experiment_lib
+  return experiment_lib.load(EXPERIMENTS / f"{name}.py", ["train.progress=false", *overrides])
 
 
 @pytest.fixture

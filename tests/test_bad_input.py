@@ -54,7 +54,7 @@ GOOD_Y = np.arange(40) % 10
 def cases(tmp_path):
   """(description, argv after 'train', expected fragment of the one-line message)."""
   exp = lambda text: write(tmp_path, "exp.py", text)
-  mlp_data = lambda path: ["--set", "data.source=npz", "--set", f"data.options={{'path': '{path}'}}",
+  mlp_data = lambda path: ["--set", "data.source=npz", "--set", f"data.path={path}",
                            "--set", "data.global_batch_size=8", "--set", "data.eval_batch_size=8"]
   mlp = str(EXPERIMENTS / "digits_mlp.py")
   dlrm = str(EXPERIMENTS / "clicks_dlrm.py")
@@ -93,41 +93,48 @@ def cases(tmp_path):
       ("data with NaN/Inf everywhere", [mlp, *mlp_data(npz(tmp_path, x=np.full((40, 64), np.nan, np.float32), y=GOOD_Y))],
        "has no valid rows after cleaning (32 non-finite"),
       ("data of the wrong dtype", [mlp, *mlp_data(npz(tmp_path, x=np.array([["a"] * 64] * 40), y=GOOD_Y))], "dtype <U1, expected numbers"),
-      ("data of the wrong shape", [mlp, *mlp_data(npz(tmp_path, x=GOOD_X[:, :10], y=GOOD_Y))], "has examples of shape (10,), but model 'mlp' expects (64,)"),
+      ("data of the wrong shape", [mlp, *mlp_data(npz(tmp_path, x=GOOD_X[:, :10], y=GOOD_Y))], "has examples of shape (10,) in 'x', but the model expects (64,)"),
       ("labels and features disagree", [mlp, *mlp_data(npz(tmp_path, x=GOOD_X, y=GOOD_Y[:30]))], "expected x of shape (N, ...) and y of shape (N,)"),
       ("empty data", [mlp, *mlp_data(npz(tmp_path, x=np.zeros((0, 64), np.float32), y=np.zeros(0, np.int64)))], "no examples (x has 0 rows)"),
-      ("labels out of range", [mlp, *mlp_data(npz(tmp_path, x=GOOD_X, y=GOOD_Y + 5))], "has labels outside 0..9"),
+      ("labels out of range", [mlp, *mlp_data(npz(tmp_path, x=GOOD_X, y=GOOD_Y + 5))], "has labels 5..14 in 'y', but the model takes 0..9"),
       ("text that is not UTF-8", [mlp, "--set", "data.source=csv", "--set",
-                                  f"data.options={{'path': '{write(tmp_path, 'd.csv', b'a,label' + bytes([10, 0xff, 0xfe]) + b',1')}'}}"],
+                                  f"data.path={write(tmp_path, 'd.csv', b'a,label' + bytes([10, 0xff, 0xfe]) + b',1')}"],
        "is not valid UTF-8 text"),
       ("workdir of a different model", [mlp], "holds checkpoints of a different model (cnn"),
       ("embedding tables smaller than the ids", [dlrm, *small_clicks, "--set", "model.table_sizes=(100, 500, 200, 100)"],
        "ids up to (99"),  # Zipf ids reach the cap of each planted table: 999 > 100 rows
       ("hashed ids into tables of another size", [dlrm, *small_clicks, "--set",
                                                   "data.options={'rows': 2000, 'hash_buckets': (4000, 64, 64, 64)}"],
-       "but model.table_sizes=(1000, 500, 200, 100)"),
+       "but the model's tables hold (1000, 500, 200, 100) rows"),
       ("hash buckets for too few tables", [dlrm, *small_clicks, "--set", "data.options={'rows': 2000, 'hash_buckets': (64,)}"],
        "must give a positive bucket count for each of the 4 tables"),
       ("dropout out of range", [str(EXPERIMENTS / "stdlib_gpt.py"), "--set", "model.dropout=1.0"], "model.dropout must be in [0, 1)"),
       ("vocabulary smaller than the tokenizer's ids", [str(EXPERIMENTS / "stdlib_gpt.py"), "--set", "model.vocab_size=100"],
-       "but model.vocab_size=100; the vocabulary must hold every id the tokenizer gives"),
+       "tokenizer bytes has 256 tokens, but model.vocab_size=100; the vocabulary must hold every id the tokenizer gives"),
       ("unknown compute dtype", [CNN, "--set", "model.dtype=float16"], "model.dtype='float16' is not one of float32, bfloat16"),
   ]
 
 
-def test_at_least_25_bad_inputs_fail_cleanly(tmp_path, trained, capsys):
-  listed = cases(tmp_path)
-  assert len(listed) >= 25
-  before = snapshot(trained)
+def one_line_failures(listed, capsys) -> list[str]:
+  """Run each (description, argv, fragment) through the CLI; the cases that did not fail with exit
+  2 and exactly one `dcmodel: error:` line holding the fragment."""
   failures = []
   for description, argv, fragment in listed:
     capsys.readouterr()
-    code = cli.main(["train", *argv, "--workdir", str(trained), "--set", "train.progress=false"])
+    code = cli.main(argv)
     err = capsys.readouterr().err.strip()
     lines = err.splitlines()
-    ok = code == 2 and len(lines) == 1 and lines[0].startswith("dcmodel: error: ") and fragment in lines[0]
-    if not ok:
-      failures.append(f"{description}: exit {code}, stderr {err[:400]!r}")
+    if not (code == 2 and len(lines) == 1 and lines[0].startswith("dcmodel: error: ") and fragment in lines[0]):
+      failures.append(f"{description}: exit {code}, stderr {err[-400:]!r}")
+  return failures
+
+
+def test_at_least_25_bad_inputs_fail_cleanly(tmp_path, trained, capsys):
+  listed = [(d, ["train", *argv, "--workdir", str(trained), "--set", "train.progress=false"], f)
+            for d, argv, f in cases(tmp_path)]
+  assert len(listed) >= 25
+  before = snapshot(trained)
+  failures = one_line_failures(listed, capsys)
   assert not failures, "\n".join(failures)
   assert snapshot(trained) == before, "a failed command changed the workdir"
 

@@ -1,65 +1,81 @@
+"""The data layer: tables (split, cleaning, normalization, the Grain iterator), corpora from a
+user's files (text, JSONL, Parquet, SQLite) cleaned, tokenized and packed, tokenizers, and the
+package's layering."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from conftest import ROOT, experiment
 from dcmodel.config import DataConfig
-from dcmodel.data import pipeline, preprocess, sources
+from dcmodel.data import documents, pipeline, sources, tokenizers
+from dcmodel.data.clean import Normalizer
+from dcmodel.data.dataset import Dataset
+from dcmodel.data.transforms import PackedWindows, TokenStream
 from dcmodel.errors import UserError
+
+DIGITS = experiment("digits_cnn").model.batch_spec()
+
+
+def digits(**kw) -> Dataset:
+  return Dataset.load(DataConfig(source="digits", **kw), DIGITS)
 
 
 def test_digits_split_is_deterministic_and_disjoint():
-  a = sources.load(DataConfig(source="digits"))
-  b = sources.load(DataConfig(source="digits"))
-  np.testing.assert_array_equal(a.splits["train"]["id"], b.splits["train"]["id"])
-  train, test = set(a.splits["train"]["id"]), set(a.splits["test"]["id"])
+  a, b = digits(), digits()
+  np.testing.assert_array_equal(a.splits["train"].cols["id"], b.splits["train"].cols["id"])
+  train, test = set(a.splits["train"].cols["id"]), set(a.splits["test"].cols["id"])
   assert not train & test and len(train) + len(test) == 1797 and len(test) == 360
 
 
 def test_cleaning_drops_and_counts_bad_rows():
-  src = sources.load(DataConfig(source="digits", options={"corrupt_rows": 30}))
-  prep = preprocess.prepare(src)
-  total = {k: sum(getattr(r, k) for r in prep.reports.values()) for k in ("kept", "dropped_nonfinite", "dropped_out_of_range")}
+  ds = digits(options={"corrupt_rows": 30})
+  total = {k: sum(getattr(r, k) for r in ds.reports.values()) for k in ("kept", "dropped_nonfinite", "dropped_out_of_range")}
   assert total == {"kept": 1797 - 30, "dropped_nonfinite": 20, "dropped_out_of_range": 10}
-  for cols in prep.splits.values():
-    assert np.isfinite(cols["x"]).all() and cols["x"].max() <= 16
+  for rows in ds.splits.values():
+    assert np.isfinite(rows.cols["x"]).all() and rows.cols["x"].max() <= 16
 
 
 def test_normalization_is_fitted_on_train_only():
-  prep = preprocess.prepare(sources.load(DataConfig(source="digits")))
-  x_train = prep.normalizer(prep.splits["train"]["x"])
-  x_test = prep.normalizer(prep.splits["test"]["x"])
+  ds = digits()
+  x_train = ds.normalizer(ds.splits["train"].cols["x"])
+  x_test = ds.normalizer(ds.splits["test"].cols["x"])
   assert abs(x_train.mean()) < 1e-5 and abs(x_train.std() - 1) < 1e-4
   assert abs(x_test.mean()) > 1e-4                               # test statistics were not used
-  per_feature = preprocess.Normalizer.fit(prep.splits["train"]["x"].reshape(-1, 64))
-  np.testing.assert_allclose(per_feature(prep.splits["train"]["x"].reshape(-1, 64)).mean(0), 0, atol=1e-5)
+  flat = ds.splits["train"].cols["x"].reshape(-1, 64)
+  np.testing.assert_allclose(Normalizer.fit(flat)(flat).mean(0), 0, atol=1e-5)
 
 
 def test_epochs_reshuffle_and_cover_every_row():
-  prep = preprocess.prepare(sources.load(DataConfig(source="digits")))
-  cols = prep.splits["train"]
-  n = len(cols["id"])
-  it = pipeline.train_iterator(cols, "x", prep.normalizer, global_batch_size=1, seed=3)
+  ds = digits()
+  n = len(ds.splits["train"])
+  it = ds.train_iterator(global_batch_size=1, seed=3)
   first = [int(next(it)["id"][0]) for _ in range(n)]
   second = [int(next(it)["id"][0]) for _ in range(n)]
-  assert sorted(first) == sorted(cols["id"].tolist()) == sorted(second) and first != second
+  assert sorted(first) == sorted(ds.splits["train"].cols["id"].tolist()) == sorted(second) and first != second
 
 
 def test_iterator_state_restores_the_same_batches():
-  prep = preprocess.prepare(sources.load(DataConfig(source="digits")))
-  it = pipeline.train_iterator(prep.splits["train"], "x", prep.normalizer, 32, seed=0)
+  ds = digits()
+  it = ds.train_iterator(32, seed=0)
   for _ in range(5):
     next(it)
   state = it.get_state()
   expected = [next(it)["id"] for _ in range(3)]
-  it2 = pipeline.train_iterator(prep.splits["train"], "x", prep.normalizer, 32, seed=0)
+  it2 = ds.train_iterator(32, seed=0)
   it2.set_state(state)
   for e in expected:
     np.testing.assert_array_equal(next(it2)["id"], e)
 
 
 def test_eval_batches_pad_with_mask():
-  prep = preprocess.prepare(sources.load(DataConfig(source="digits")))
-  ds = pipeline.eval_batches(prep.splits["test"], "x", prep.normalizer, 128)
-  batches = [ds[i] for i in range(len(ds))]
+  batches = list(digits().eval_batches("test", 128))
   assert len(batches) == 3 and sum(b["mask"].sum() for b in batches) == 360
   assert all(len(b["id"]) == 128 for b in batches)
 
@@ -79,61 +95,179 @@ def test_to_device_shards_over_batch_axes():
 
 def test_feature_hashing_is_a_grain_stage_of_the_pipeline():
   from sklearn.utils import murmurhash3_32
-  from conftest import experiment
   buckets = (64, 32, 16, 8)
-  cfg = experiment("clicks_dlrm", "data.options={'rows': 3000, 'hash_buckets': (64, 32, 16, 8)}")
-  src = sources.load(cfg.data)
-  prep = preprocess.prepare(src)
-  raw = prep.splits["train"]["cat"]
+  cfg = experiment("clicks_dlrm", "data.options={'rows': 3000, 'hash_buckets': (64, 32, 16, 8)}", "model.table_sizes=(64, 32, 16, 8)")
+  ds = Dataset.load(cfg.data, cfg.model.batch_spec())
+  raw = ds.splits["train"].cols["cat"]
   assert raw.max() > 10_000                                     # the log holds raw ids, not table rows
-  it = pipeline.train_iterator(prep.splits["train"], "x", prep.normalizer, 32, seed=0, transforms=prep.transforms)
-  batch = next(it)
-  where = {int(i): k for k, i in enumerate(prep.splits["train"]["id"])}
+  batch = next(ds.train_iterator(32, seed=0))
+  where = {int(i): k for k, i in enumerate(ds.splits["train"].cols["id"])}
   rows = np.array([where[int(i)] for i in batch["id"]])
   for t, n in enumerate(buckets):
     want = np.array([murmurhash3_32(int(v), seed=t, positive=True) % n for v in raw[rows, t]])
     np.testing.assert_array_equal(batch["cat"][:, t], want)
-    assert batch["cat"][:, t].max() < n
-  ev = pipeline.eval_batches(prep.splits["test"], "x", prep.normalizer, 64, prep.transforms)[0]
+  ev = ds.eval_batches("test", 64)[0]
   assert np.all(ev["cat"].max(0) < np.array(buckets)) and ev["cat"].dtype == np.int32
 
 
-def _tiny_stdlib(tmp_path):
-  """A stand-in standard library: UTF-8 files (one with multi-byte characters and NUL bytes),
-  one file that is not UTF-8 (the source drops it)."""
-  root = tmp_path / "lib"
-  (root / "pkg").mkdir(parents=True)
-  files = {"a.py": "print('héllo wörld')\n" * 40, "b.py": "x = '\x00\x00'\n" * 50, "pkg/c.py": "def f():\n  return 1\n" * 30,
-           "pkg/d.py": "# ünïcode 文字\n" * 25}
-  for name, text in files.items():
-    (root / name).write_text(text, encoding="utf-8")
-  (root / "pkg" / "bad.py").write_bytes(b"\xff\xfe not utf-8\n")
-  return root
+# ---------------------------------------------------------------------------- corpora
+
+DOCS = ["def main(argv):\n  return 0\n", "naïve 文字 — unicode\n" * 3, "x = 1\n", "def main(argv):\n  return 0\n",
+        "import os\nprint(os.sep)\n" * 4, "", "class Q:\n  pass\n" * 2, "a" * 300]
 
 
-def test_tokenization_is_a_grain_stage_of_the_pipeline(tmp_path):
-  from dcmodel.data import text
-  from dcmodel.data.tokenize import ByteTokenizer
-  tok = ByteTokenizer()
-  assert tok.decode(tok.encode("naïve 文字")) == "naïve 文字".encode()
-  cfg = DataConfig(source="stdlib_text", options={"root": str(_tiny_stdlib(tmp_path)), "seq_len": 16, "holdout_every": 2})
+def _jsonl(path, docs, field="text"):
+  path.write_text("".join(json.dumps({field: d, "id": i, "lang": "py"}) + "\n" for i, d in enumerate(docs)))
+  return path
+
+
+def corpus_cfg(path, **kw) -> DataConfig:
+  return DataConfig(source="corpus", path=str(path), test_fraction=0.25, **kw)
+
+
+def read_docs(cfg):
   src = sources.load(cfg)
-  prep = preprocess.prepare(src)
-  assert src.info["files_not_utf8"] == 1
-  rows = prep.splits["train"]["text"]
-  assert rows.dtype == np.dtype("S17")                            # stored as text, not as token ids
-  train_bytes, _, _ = text.corpus_bytes(cfg)
-  it = pipeline.train_iterator(prep.splits["train"], src.feature, prep.normalizer, 8, seed=0, transforms=prep.transforms)
-  for _ in range(3):
-    batch = next(it)
-    assert set(batch) == {"id", "x", "y", "mask"} and batch["x"].dtype == np.int32 and batch["x"].shape == (8, 16)
-    for i, x, y in zip(batch["id"], batch["x"], batch["y"]):    # window i of the training bytes, shifted by one
-      window = np.frombuffer(train_bytes[16 * i: 16 * i + 17], np.uint8)
-      np.testing.assert_array_equal(x, window[:-1])
-      np.testing.assert_array_equal(y, window[1:])
-  # A window that ends in NUL bytes keeps them (numpy drops trailing NULs from an S element).
-  ends_nul = [i for i in range(len(rows)) if train_bytes[16 * i + 16] == 0]
-  assert ends_nul
-  ev = pipeline.eval_batches({k: v[ends_nul[:4]] for k, v in prep.splits["train"].items()}, src.feature, None, 4,
-                             prep.transforms)[0]
-  assert ev["y"].shape == (4, 16) and (ev["y"][:, -1] == 0).all()
+  reports = documents.new_reports()
+  return [(split, d.text, kept) for split, d, kept in documents.classified(src, documents.document_filter(cfg), reports)], reports
+
+
+def test_every_corpus_format_gives_the_same_documents(tmp_path):
+  """Text files in a directory, JSON Lines, Parquet (read in record batches) and SQLite rows: the
+  same documents, in order, with the same cleaning (empty and duplicate dropped, counted)."""
+  (tmp_path / "dir").mkdir()
+  for i, d in enumerate(DOCS):
+    (tmp_path / "dir" / f"{i:02d}.txt").write_text(d, encoding="utf-8")
+  _jsonl(tmp_path / "c.jsonl", DOCS)
+  pq.write_table(pa.table({"body": DOCS, "n": list(range(len(DOCS)))}), tmp_path / "c.parquet", row_group_size=3)
+  with sqlite3.connect(tmp_path / "c.db") as db:
+    db.execute("CREATE TABLE docs (id INTEGER, body TEXT)")
+    db.executemany("INSERT INTO docs VALUES (?, ?)", list(enumerate(DOCS)))
+  got = {}
+  for name, cfg in {"dir": corpus_cfg(tmp_path / "dir"), "jsonl": corpus_cfg(tmp_path / "c.jsonl"),
+                    "parquet": corpus_cfg(tmp_path / "c.parquet", text_field="body"),
+                    "sqlite": corpus_cfg(tmp_path / "c.db", query="SELECT body AS text, id FROM docs ORDER BY id")}.items():
+    got[name], reports = read_docs(cfg)
+    assert sum(r.duplicates for r in reports.values()) == 1 and sum(r.too_short for r in reports.values()) == 1, name
+  assert got["dir"] == got["jsonl"] == got["parquet"] == got["sqlite"]
+  kept = [t for _, t, k in got["jsonl"] if k]
+  assert kept == [d.encode() for i, d in enumerate(DOCS) if d and i != 3]
+  assert [s for s, _, _ in got["jsonl"]] == ["test", "train", "train", "train"] * 2      # every 4th held out
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "ok"}\n{"text": "broken\n', "line 2 is not valid JSON"),
+    (b'{"text": "ok"}\n{"body": "x"}\n', "line 2 has no field 'text'"),
+    (b'{"text": "ok"}\n{"text": null}\n', "line 2: field 'text' is null, expected a string"),
+    (b'{"text": "ok"}\n' + b'{"text": "\xff\xfe"}\n', "line 2 is not valid UTF-8"),
+    (b'["text"]\n', "line 1 is a JSON list"),
+])
+def test_bad_records_are_one_line_errors_or_skipped_and_counted(tmp_path, content, message):
+  path = tmp_path / "c.jsonl"
+  path.write_bytes(content + b'{"text": "more"}\n' * 3)
+  with pytest.raises(UserError, match=message) as e:
+    read_docs(corpus_cfg(path))
+  assert str(path) in str(e.value) and "\n" not in str(e.value)
+  docs, reports = read_docs(corpus_cfg(path, on_bad_record="skip"))
+  assert reports["source"].bad_records == 1 and len(docs) == content.count(b"\n") - 1 + 3
+
+
+def test_parquet_without_the_column_and_an_empty_corpus(tmp_path):
+  pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "c.parquet")
+  with pytest.raises(UserError, match=r"c.parquet has no column 'text' \(columns: body\)"):
+    read_docs(corpus_cfg(tmp_path / "c.parquet"))
+  (tmp_path / "e.jsonl").write_text("\n\n")
+  with pytest.raises(UserError, match="has no train documents after cleaning"):
+    Dataset.load(corpus_cfg(tmp_path / "e.jsonl"), experiment("corpus_gpt").model.batch_spec())
+
+
+def test_packed_rows_are_the_token_stream_with_document_boundaries():
+  """Concatenate-and-split: row i is tokens [iL, iL+L]; segment ids number the documents in the
+  row, positions restart at each document, weights are 0 where the target is in another document."""
+  docs = [np.arange(1, 6), np.arange(10, 13), np.arange(20, 30), np.arange(40, 42)]   # lengths 5, 3, 10, 2
+  stream = TokenStream.concat(docs)
+  rows = PackedWindows(stream, 4, np.full(64, 2))
+  assert len(rows) == (20 - 1) // 4
+  got = rows.take(np.array([0, 1, 3]))
+  np.testing.assert_array_equal(got["x"][0], [1, 2, 3, 4])
+  np.testing.assert_array_equal(got["y"][0], [2, 3, 4, 5])
+  np.testing.assert_array_equal(got["x"][1], [5, 10, 11, 12])          # doc 0's tail, then doc 1
+  np.testing.assert_array_equal(got["segment_ids"][1], [1, 2, 2, 2])
+  np.testing.assert_array_equal(got["positions"][1], [0, 0, 1, 2])     # each piece counts from 0
+  np.testing.assert_array_equal(got["weights"][1], [0, 1, 1, 0])       # 5->10 and 12->20 cross documents
+  np.testing.assert_array_equal(got["target_bytes"][1], [0, 2, 2, 0])
+  padded = PackedWindows(stream, 4, np.ones(64), pad_last=True)
+  assert len(padded) == 5
+  last = padded.take(np.array([4]))
+  np.testing.assert_array_equal(last["x"][0], [28, 29, 40, 41])
+  np.testing.assert_array_equal(last["y"][0], [29, 40, 41, 0])         # the stream ends: padding
+  np.testing.assert_array_equal(last["weights"][0], [1, 0, 1, 0])
+  assert padded.take(np.arange(5))["weights"].sum() == sum(len(d) - 1 for d in docs)   # every in-document target once
+
+
+def test_a_corpus_trains_through_the_pipeline_with_a_trained_tokenizer(tmp_path):
+  """A trained byte-level BPE: its rows decode back to the documents' text, and bits per byte
+  counts each target's UTF-8 bytes."""
+  docs = [f"def f{i}(x):\n    return x * {i} + 'naïve'\n" * (1 + i % 3) for i in range(60)]
+  path = _jsonl(tmp_path / "c.jsonl", docs)
+  tok = tokenizers.train_bpe(documents.train_texts(sources.load(corpus_cfg(path)), corpus_cfg(path)), 300,
+                             tmp_path / "tok.json", progress=False)
+  assert tok.vocab_size <= 300 and tokenizers.load(str(tmp_path / "tok.json")).sha256 == tok.sha256
+  cfg = experiment("corpus_gpt", f"data.path={path}", f"data.tokenizer={tmp_path / 'tok.json'}", "model.max_len=16",
+                   "data.test_fraction=0.25", "model.vocab_size=320")
+  ds = Dataset.load(cfg.data, cfg.model.batch_spec())
+  train = ds.splits["train"]
+  text = b"".join(tok.decode(train.stream.tokens[train.stream.doc_starts[d]:train.stream.doc_starts[d + 1]])
+                  for d in range(len(train.stream.doc_starts) - 1))
+  assert text == "".join(d for i, d in enumerate(docs) if i % 4).encode()
+  batch = next(ds.train_iterator(8, seed=0))
+  assert batch["x"].shape == (8, 16) and batch["x"].max() < tok.vocab_size
+  assert (batch["target_bytes"] == tok.token_bytes[batch["y"]] * batch["weights"]).all()
+  assert (tok.token_bytes[np.unique(batch["y"])] >= 1).all()
+
+
+def test_sentencepiece_and_bytes_tokenizers_load(tmp_path):
+  import sentencepiece as spm
+  text = tmp_path / "t.txt"
+  text.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
+  spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=300,
+                                 byte_fallback=True, minloglevel=2)
+  sp = tokenizers.load(str(tmp_path / "sp.model"))
+  ids = sp.encode("the lazy fox")
+  assert sp.decode(ids) == b"the lazy fox" and sp.vocab_size == 300 and len(sp.token_bytes) == 300
+  b = tokenizers.load("bytes")
+  assert b.decode(b.encode("naïve 文字")) == "naïve 文字".encode()
+  with pytest.raises(UserError, match="tokenizer file not found"):
+    tokenizers.load(str(tmp_path / "none.json"))
+  (tmp_path / "bad.json").write_text("{}")
+  with pytest.raises(UserError, match="is not a valid Hugging Face tokenizer.json"):
+    tokenizers.load(str(tmp_path / "bad.json"))
+
+
+IMPORT_ALONE = """
+import importlib, os, sys, traceback
+import array_record.python.array_record_module, grain, jax, numpy, pyarrow.parquet, sentencepiece, sklearn, tokenizers, tqdm
+assert not [m for m in sys.modules if m.startswith("dcmodel")]
+bad = []
+for name in sys.argv[1:]:
+  pid = os.fork()
+  if pid == 0:      # a child with no dcmodel module loaded: this one is imported first, alone
+    try:
+      importlib.import_module(name)
+      os._exit(0)
+    except BaseException:
+      traceback.print_exc()
+      os._exit(1)
+  if os.waitpid(pid, 0)[1]:
+    bad.append(name)
+print(bad)
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_every_data_module_imports_alone():
+  """No import cycles: each module of dcmodel.data, imported first and alone (a fresh process
+  with only third-party libraries loaded), imports."""
+  names = [p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+           for p in sorted((ROOT / "dcmodel" / "data").rglob("*.py"))]
+  r = subprocess.run([sys.executable, "-c", IMPORT_ALONE, *names], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert len(names) >= 12 and r.returncode == 0, r.stdout + r.stderr[-3000:]

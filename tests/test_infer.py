@@ -9,14 +9,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from conftest import EXPERIMENTS, ROOT, experiment
 from dcmodel.errors import UserError
 from dcmodel.infer import results as results_lib
 from dcmodel.infer.generate import Generator, Sampling, greedy_by_recompute
 from dcmodel.infer.predict import predict
-from dcmodel.mesh import build_mesh, rules_for
 from dcmodel.train import state as state_lib
 from dcmodel.train.loop import train
 
@@ -26,14 +24,10 @@ PROMPTS = [b"def main(argv", b"import os\n", b"class Q", b"    return self._x + 
 def random_gpt(*overrides):
   cfg = experiment("stdlib_gpt", "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_ff=128",
                    "model.max_len=64", *overrides)
-  mesh = build_mesh(cfg.mesh)
-  rules = rules_for(cfg.mesh, mesh)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, _, shardings = state_lib.abstract_state(cfg, mesh)
-    state = state_lib.init_state(cfg, shardings)
+  placed = state_lib.place(cfg)
   # Sharper logits than at init (weights x4), so argmax decisions are far from ties.
-  state = jax.tree.map(lambda x: x * 4 if x.dtype == np.float32 else x, state)
-  return cfg, graphdef, state, mesh, rules
+  state = jax.tree.map(lambda x: x * 4 if x.dtype == np.float32 else x, placed.init())
+  return placed, state
 
 
 @pytest.mark.parametrize("layout", [
@@ -42,25 +36,26 @@ def random_gpt(*overrides):
     ("mesh.data=2", "mesh.model=4", "model.positions=learned", "model.norm=layernorm", "model.mlp=gelu"),
 ], ids=["dp", "dp_x_tp", "tp_learned_positions"])
 def test_kv_cache_greedy_equals_full_recompute(layout):
-  cfg, graphdef, state, mesh, rules = random_gpt(*layout)
-  gen = Generator(graphdef, state, mesh, rules)
+  placed, state = random_gpt(*layout)
+  graphdef = placed.graphdef
+  gen = Generator(placed, state)
   out = gen(PROMPTS, Sampling(max_new_tokens=24))
   assert out.tokens.shape == (len(PROMPTS), 24)
   for prompt, got in zip(PROMPTS, out.tokens):
     np.testing.assert_array_equal(got, greedy_by_recompute(graphdef, state, prompt, 24))
   # the cache is laid out like the model: under TP each device holds a slice of the KV heads
   if "mesh.model=2" in layout:
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    with placed.context():
       _, caches = gen._fns(Sampling(max_new_tokens=24))[0](state, jax.numpy.zeros((8, 4), jax.numpy.int32),
                                                               jax.numpy.zeros((8,), jax.numpy.int32), jax.random.key(0))
     k = caches[0].k
-    assert k.shape == (8, 28, 2, 16)
-    assert k.addressable_shards[0].data.shape == (2, 28, 1, 16)
+    assert k.shape == (8, 2, 28, 16)
+    assert k.addressable_shards[0].data.shape == (2, 1, 28, 16)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
-  _, graphdef, state, mesh, rules = random_gpt("mesh.data=8")
-  gen = Generator(graphdef, state, mesh, rules)
+  placed, state = random_gpt("mesh.data=8")
+  gen = Generator(placed, state)
   a = gen(PROMPTS, Sampling(16, temperature=1.0, top_k=20, seed=3)).tokens
   b = gen(PROMPTS, Sampling(16, temperature=1.0, top_k=20, seed=3)).tokens
   c = gen(PROMPTS, Sampling(16, temperature=1.0, top_k=20, seed=4)).tokens
@@ -71,9 +66,9 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
 
 
 def test_generate_refuses_what_learned_positions_cannot_hold():
-  _, graphdef, state, mesh, rules = random_gpt("mesh.data=8", "model.positions=learned")
+  placed, state = random_gpt("mesh.data=8", "model.positions=learned")
   with pytest.raises(UserError, match="exceeds the model's learned positions"):
-    Generator(graphdef, state, mesh, rules)([b"x" * 50], Sampling(max_new_tokens=20))
+    Generator(placed, state)([b"x" * 50], Sampling(max_new_tokens=20))
 
 
 @pytest.fixture(scope="module")

@@ -42,8 +42,11 @@ def test_megatron_attention_equals_jit(positions):
   mesh_cfg = MeshConfig(data=1, model=4)
   cfg, mesh, rules, block, x = _block_and_input(mesh_cfg, positions=positions, num_kv_heads=4)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    for i, name in enumerate(("bq", "bk", "bv", "bo")):    # biases start at zero: make them count
+      bias = getattr(block.attn, name)
+      bias[...] = jax.random.normal(jax.random.key(10 + i), bias.shape)
     auto = nnx.jit(lambda b, x: b.attn(x, True, jnp.arange(16), jnp.float32))(block, x)
-    params = {k: getattr(block.attn, k)[...] for k in ("wq", "wk", "wv", "wo", "bo")}
+    params = {k: getattr(block.attn, k)[...] for k in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")}
     explicit = jax.jit(lambda p, x: tensor_parallel.attention(mesh, p, x, True, rope if positions == "rope" else None))(params, x)
   np.testing.assert_allclose(explicit, auto, rtol=1e-5, atol=1e-5)
 

@@ -70,11 +70,11 @@ def test_resume_is_exact(tmp_path):
 
   straight_log, resumed_log = [], []
   base = ("train.steps=20", "checkpoint.every_steps=10", "checkpoint.async_save=true")
-  straight = train(experiment("digits_cnn", *base), tmp_path / "straight", hooks=(batches_into(straight_log),))
+  straight = train(experiment("digits_cnn", *base), tmp_path / "straight", batch_hooks=(batches_into(straight_log),))
   first = train(experiment("digits_cnn", *base[1:], "train.steps=10"), tmp_path / "resumed",
-                hooks=(batches_into(resumed_log),))
+                batch_hooks=(batches_into(resumed_log),))
   assert first.start_step == 0
-  second = train(experiment("digits_cnn", *base), tmp_path / "resumed", hooks=(batches_into(resumed_log),))
+  second = train(experiment("digits_cnn", *base), tmp_path / "resumed", batch_hooks=(batches_into(resumed_log),))
   assert second.start_step == 10 and second.steps_run == 10
   assert [s for s, _ in resumed_log] == list(range(20))
   for (s1, a), (s2, b) in zip(straight_log, resumed_log):
@@ -121,7 +121,7 @@ def test_steps_per_dispatch_equals_one_step_per_call(tmp_path):
     cfg = experiment("digits_mlp", f"train.steps={steps}", f"train.log_every={log_every}", "checkpoint.every_steps=8",
                      f"train.steps_per_dispatch={k}", f"train.dispatch_unroll={unroll}")
     seen = []
-    r = train(cfg, tmp_path / name, hooks=(lambda step, b: seen.append((step, b["id"].tolist())),))
+    r = train(cfg, tmp_path / name, batch_hooks=(lambda step, b: seen.append((step, b["id"].tolist())),))
     return r, seen, [m["loss"] for m in read(tmp_path / name / "metrics.jsonl") if m["split"] == "train"]
   one, ids1, l1 = run(1, "k1")
   four, ids4, l4 = run(4, "k4")
@@ -165,3 +165,13 @@ def test_long_stretch_between_metric_reads_does_not_abort(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2000" in out.stdout
+
+
+def test_time_budget_stops_with_a_checkpoint_and_a_final_evaluation(tmp_path):
+  cfg = experiment("digits_mlp", "train.steps=100000", "train.max_seconds=3", "train.log_every=10",
+                   "checkpoint.every_steps=100000")
+  r = train(cfg, tmp_path / "w")
+  assert r.stopped and "time budget" in r.stopped and 0 < r.steps_run < 100000
+  records = read(tmp_path / "w" / "metrics.jsonl")
+  assert [x["step"] for x in records if x["split"] == "eval"] == [r.steps_run]
+  assert sorted(int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()) == [r.steps_run]

@@ -7,7 +7,6 @@ from flax import nnx
 
 from conftest import experiment
 from dcmodel.errors import UserError
-from dcmodel.mesh import build_mesh, rules_for
 from dcmodel.train import state as state_lib
 from dcmodel.train.loop import train
 from dcmodel.train.metrics import read
@@ -15,8 +14,7 @@ from dcmodel.train.metrics import read
 # Small versions of each experiment, so every layout compiles and runs in seconds.
 SMALL = {
     "stdlib_gpt": ["model.d_model=64", "model.num_layers=2", "model.num_heads=8", "model.num_kv_heads=4", "model.d_ff=128",
-                   "model.max_len=32", "data.options={'seq_len': 32, 'max_test_windows': 16}", "data.global_batch_size=16",
-                   "data.eval_batch_size=16"],
+                   "model.max_len=32", "data.global_batch_size=16", "data.eval_batch_size=16"],
     "stdlib_bert": ["model.d_model=32", "model.num_layers=1", "model.d_ff=64", "model.max_len=32",
                     "data.options={'snippet_len': 32, 'max_per_class': 40}", "data.global_batch_size=16", "data.eval_batch_size=16"],
     "stdlib_gru": ["model.hidden=32", "model.embed_dim=16", "model.seq_len=32",
@@ -143,9 +141,9 @@ def _inputs(model_cfg, batch=4):
     x = rng.integers(0, model_cfg.vocab_size, shape, dtype=np.int32)
   else:
     x = rng.normal(size=shape).astype(np.float32)
-  if getattr(model_cfg, "inputs", ("x",)) == ("x", "cat"):
-    return x, np.stack([rng.integers(0, n, batch) for n in model_cfg.table_sizes], 1).astype(np.int32)
-  return (x,)
+  if "cat" in model_cfg.batch_spec().inputs:
+    return {"x": x, "cat": np.stack([rng.integers(0, n, batch) for n in model_cfg.table_sizes], 1).astype(np.int32)}
+  return {"x": x}
 
 
 @pytest.mark.parametrize("name", sorted({*SMALL, "digits_cnn", "digits_mlp"}))
@@ -153,14 +151,13 @@ def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_parameters(name)
   outs = {}
   for dtype in ("float32", "bfloat16"):
     cfg = experiment(name, *SMALL.get(name, ()), f"model.dtype={dtype}", "mesh.data=1", "mesh.fsdp=1", "mesh.model=1")
-    mesh = build_mesh(cfg.mesh, jax.devices()[:1])
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
+    with state_lib.place(cfg, jax.devices()[:1]).context():
       model, opt = state_lib.make_model_and_optimizer(cfg)
       graphdef, state = nnx.split(model)
       args = _inputs(cfg.model)
-      forward = lambda s, *a: nnx.merge(graphdef, s)(*a)
-      assert _matmul_input_dtypes(jax.make_jaxpr(forward)(state, *args).jaxpr) == {dtype}
-      outs[dtype] = np.asarray(jax.jit(forward)(state, *args))
+      forward = lambda s, a: nnx.merge(graphdef, s)(**a)
+      assert _matmul_input_dtypes(jax.make_jaxpr(forward)(state, args).jaxpr) == {dtype}
+      outs[dtype] = np.asarray(jax.jit(forward)(state, args))
     assert {str(v.dtype) for v in jax.tree.leaves(state)} == {"float32"}        # parameters stay float32
     moments = jax.tree.leaves(nnx.state(opt, nnx.OptState))
     assert {str(v.dtype) for v in moments if v.ndim} == {"float32"}             # so does the optimizer state
@@ -184,13 +181,11 @@ def test_remat_policies_change_memory_not_numbers():
     cfg = experiment("stdlib_gpt", *SMALL["stdlib_gpt"], "mesh.data=1", *([f"model.remat={policy}"] if policy != "none" else []))
     assert cfg.model.remat == policy
     loss, _, spec, _ = loss_fn_and_args(cfg)
-    mesh = build_mesh(cfg.mesh, jax.devices()[:1])
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
-      graphdef, _, shardings = state_lib.abstract_state(cfg, mesh)
-      params = state_lib.params(graphdef, state_lib.init_state(cfg, shardings))    # same seed: same values
+    placed = state_lib.place(cfg, jax.devices()[:1])
+    params = state_lib.params(placed.graphdef, placed.init())    # same seed: same values
     if batch is None:
-      batch = {k: (np.ones if k == "mask" else lambda s, d: rng.integers(0, 256, s).astype(d))(v.shape, v.dtype)
-               for k, v in spec.items()}
+      batch = {k: (np.ones if k in ("mask", "weights", "target_bytes", "segment_ids") else
+                   lambda s, d: rng.integers(0, 32, s).astype(d))(v.shape, v.dtype) for k, v in spec.items()}
     results[policy] = jax.device_get(jax.jit(jax.value_and_grad(loss))(params, batch))
     saved[policy] = account(cfg).activation_bytes
   for policy in ("block", "dots"):
@@ -220,8 +215,7 @@ def test_cnn_matmul_convolution_equals_xla_in_values_and_gradients(kernel_size):
   results = {}
   for conv in ("xla", "matmul"):
     cfg = experiment("digits_cnn", f"model.kernel_size={kernel_size}", f"model.conv={conv}", "mesh.data=1")
-    mesh = build_mesh(cfg.mesh, jax.devices()[:1])
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
+    with state_lib.place(cfg, jax.devices()[:1]).context():
       graphdef, state = nnx.split(state_lib.make_model_and_optimizer(cfg)[0])
       loss = lambda s: (nnx.merge(graphdef, s)(x) ** 2).mean()
       results[conv] = jax.device_get((nnx.merge(graphdef, state)(x), jax.jit(jax.grad(loss))(state)))

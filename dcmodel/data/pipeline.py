@@ -1,6 +1,7 @@
 """The Grain pipeline: shuffle -> this process's share -> batch -> gather + normalize ->
-the source's transforms (e.g. feature hashing) -> [k batches stacked, for k steps per jitted
-call] -> devices.
+the source's transforms (tokenization, feature hashing) -> [k batches stacked, for k steps per
+jitted call] -> devices. Rows come from any `types.Rows` (in-memory columns, ArrayRecord shards,
+packed windows over a token stream), so tables and corpora go through the same graph.
 
 Every global batch holds the same examples whatever the process count: the shuffled stream
 is global (same seed everywhere) and process p takes every P-th row of each global batch, so
@@ -15,22 +16,21 @@ import grain
 import jax
 import numpy as np
 
-from dcmodel.data.preprocess import Normalizer
-from dcmodel.data.sources import Columns, num_rows, take
-from dcmodel.data.tokenize import Tokenize
+from dcmodel.data.clean import Normalizer
+from dcmodel.data.types import Rows
 from dcmodel.errors import UserError
 
 
 class Gather(grain.transforms.Map):
   """Read a batch of rows by index and normalize the feature; index -1 is padding (mask 0)."""
 
-  def __init__(self, cols: Columns, feature: str, normalizer: Normalizer | None):
-    self.cols, self.feature, self.normalizer = cols, feature, normalizer
+  def __init__(self, rows: Rows, feature: str | None, normalizer: Normalizer | None):
+    self.rows, self.feature, self.normalizer = rows, feature, normalizer
 
   def map(self, idx: np.ndarray) -> dict[str, np.ndarray]:
     idx = np.asarray(idx)
     valid = idx >= 0
-    batch = take(self.cols, np.where(valid, idx, 0))
+    batch = self.rows.take(np.where(valid, idx, 0))
     if self.normalizer is not None:
       batch[self.feature] = self.normalizer(batch[self.feature])
     batch["mask"] = valid.astype(np.float32)
@@ -87,48 +87,19 @@ class Steps(grain.transforms.Map):
 ENDLESS = 2 ** 50   # steps; a random-access dataset needs a length
 
 
-class HashBuckets(grain.transforms.Map):
-  """Feature hashing: raw categorical ids (any int32 values: user ids, item ids) -> a bucket in
-  each table, murmurhash3 (scikit-learn's) seeded per column, so a table of n rows serves ids
-  from an unbounded space; different ids may share a bucket (collisions)."""
-
-  def __init__(self, feature: str, buckets: tuple[int, ...], seed: int = 0):
-    self.args = {"feature": feature, "buckets": list(buckets), "seed": seed}
-    self.feature, self.buckets, self.seed = feature, tuple(buckets), seed
-
-  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from sklearn.utils import murmurhash3_32
-    raw = np.ascontiguousarray(batch[self.feature], np.int32)
-    cols = [murmurhash3_32(np.ascontiguousarray(raw[:, t]), seed=self.seed + t, positive=True) % n
-            for t, n in enumerate(self.buckets)]
-    return {**batch, self.feature: np.stack(cols, 1).astype(np.int32)}
-
-
-STORED = {t.__name__: t for t in (HashBuckets, Tokenize)}   # transforms an ingested manifest can name
-
-
-def transform_spec(t) -> dict:
-  """A source transform as JSON (for an ingested data set's manifest): its class and arguments."""
-  return {"type": type(t).__name__, "args": t.args}
-
-
-def from_spec(spec: dict):
-  return STORED[spec["type"]](**spec["args"])
-
-
 def _then(ds, transforms):
   for t in transforms:
     ds = ds.map(t)
   return ds
 
 
-def train_iterator(cols: Columns, feature: str, normalizer, global_batch_size: int, seed: int,
+def train_iterator(rows: Rows, feature: str | None, normalizer, global_batch_size: int, seed: int,
                    read_threads: int = 1, prefetch: int = 4, transforms=(), steps_per_element: int = 1) -> grain.DatasetIterator:
   """An endless, per-epoch reshuffled iterator of this process's part of each global batch;
   with steps_per_element=k > 1, each element holds k consecutive batches stacked (see Steps)."""
   p, count = jax.process_index(), jax.process_count()
-  rows = GlobalBatchRows(num_rows(cols), global_batch_size, seed, p, count, steps_per_element)
-  ds = _then(grain.MapDataset.range(ENDLESS).map(rows).map(Gather(cols, feature, normalizer)), transforms)
+  order = GlobalBatchRows(len(rows), global_batch_size, seed, p, count, steps_per_element)
+  ds = _then(grain.MapDataset.range(ENDLESS).map(order).map(Gather(rows, feature, normalizer)), transforms)
   if steps_per_element > 1:
     ds = ds.map(Steps(steps_per_element))
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)))
@@ -148,13 +119,13 @@ def seek(it: grain.DatasetIterator, step: int, steps_per_element: int) -> None:
     it.set_state({**state, "next_index": step // steps_per_element})
 
 
-def eval_batches(cols: Columns, feature: str, normalizer, global_batch_size: int, transforms=()):
+def eval_batches(rows: Rows, feature: str | None, normalizer, global_batch_size: int, transforms=()):
   """One pass over a split in order, the last global batch padded (mask 0) to full size."""
   p, count = jax.process_index(), jax.process_count()
-  n = num_rows(cols)
+  n = len(rows)
   padded = -(-n // global_batch_size) * global_batch_size
   idx = np.concatenate([np.arange(n), -np.ones(padded - n, np.int64)])
-  ds = grain.MapDataset.source(idx)[p::count].batch(global_batch_size // count).map(Gather(cols, feature, normalizer))
+  ds = grain.MapDataset.source(idx)[p::count].batch(global_batch_size // count).map(Gather(rows, feature, normalizer))
   return _then(ds, transforms)
 
 

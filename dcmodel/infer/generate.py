@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dcmodel.data.tokenize import ByteTokenizer
+from dcmodel.data.tokenizers import ByteTokenizer
 from dcmodel.errors import UserError
-from dcmodel.mesh import batch_divisor, batch_sharding, replicated
+from dcmodel.mesh import batch_divisor, replicated
+from dcmodel.train.state import Placed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +66,11 @@ class Generation:
 class Generator:
   """Jitted prefill and decode for one trained model, reused across calls of the same shapes."""
 
-  def __init__(self, graphdef, state, mesh, rules, tokenizer=None):
-    self.graphdef, self.state, self.mesh, self.rules = graphdef, state, mesh, rules
-    self.tokenizer = tokenizer or ByteTokenizer()   # the one the training pipeline's Tokenize stage used
-    self.cfg = nnx.merge(graphdef, state)[0].trunk.cfg
+  def __init__(self, placed: Placed, state, tokenizer=None):
+    self.placed, self.state = placed, state
+    self.graphdef, self.mesh = placed.graphdef, placed.mesh
+    self.tokenizer = tokenizer or ByteTokenizer()   # the experiment's (the one its training data was tokenized with)
+    self.cfg = placed.cfg.model
     self._compiled = {}
 
   def _fns(self, sampling: Sampling):
@@ -106,6 +108,8 @@ class Generator:
       raise UserError("every prompt must hold at least one byte")
     n = len(prompts)
     ids = [self.tokenizer.encode(p) for p in prompts]
+    if any(len(t) == 0 for t in ids):
+      raise UserError("a prompt encodes to no tokens")
     length = max(len(t) for t in ids)
     slots = length + sampling.max_new_tokens
     if self.cfg.positions == "learned" and slots > self.cfg.max_len:
@@ -121,8 +125,8 @@ class Generator:
       start[i] = length - len(t)
     prefill, decode = self._fns(sampling)
     rng_prefill, rng_decode = jax.random.split(jax.random.key(sampling.seed))
-    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-      sharding = batch_sharding(self.mesh)
+    with self.placed.context():
+      sharding = self.placed.data_sharding
       tokens_d = jax.device_put(tokens, sharding)
       start_d = jax.device_put(start, sharding)
       t0 = time.perf_counter()
@@ -135,10 +139,10 @@ class Generator:
     return Generation(out, [self.tokenizer.decode(r) for r in out], t1 - t0, t2 - t1, int(sum(map(len, ids))))
 
 
-def greedy_by_recompute(graphdef, state, prompt: bytes, max_new_tokens: int) -> np.ndarray:
+def greedy_by_recompute(graphdef, state, prompt: bytes, max_new_tokens: int, tokenizer=None) -> np.ndarray:
   """Reference decoding without a cache: each step, the full forward pass over the whole
   sequence so far (right-padded to the final length, which a causal model never looks at)."""
-  ids = ByteTokenizer().encode(prompt)
+  ids = (tokenizer or ByteTokenizer()).encode(prompt)
   n = len(ids)
   seq = np.zeros((1, n + max_new_tokens), np.int32)
   seq[0, :n] = ids

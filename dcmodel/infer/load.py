@@ -1,42 +1,46 @@
 """A trained model back from its workdir: the verified checkpoint restored straight into the
-shardings of the configured mesh (the same rules as training), ready for predict or generate."""
+shardings of the configured mesh (the same rules as training), ready for predict, generate or
+serve, with the tokenizer it was trained with."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-import jax
-from flax import nnx
+import numpy as np
 
 from dcmodel import config as config_lib
 from dcmodel.checkpoint import Checkpointer
 from dcmodel.config import Config
+from dcmodel.data import pipeline, tokenizers
+from dcmodel.data.types import InMemory
 from dcmodel.errors import UserError
-from dcmodel.mesh import build_mesh, rules_for
 from dcmodel.train import state as state_lib
 
 
 @dataclasses.dataclass
 class Trained:
-  cfg: Config
-  mesh: object
-  rules: tuple
-  graphdef: object
+  placed: state_lib.Placed
   state: object          # model + optimizer state, sharded
-  shardings: object
   step: int
+  tokenizer: object = None
+
+  @property
+  def cfg(self) -> Config:
+    return self.placed.cfg
 
   def model(self):
-    return nnx.merge(self.graphdef, self.state)[0]
+    return self.placed.model(self.state)
 
-  def context(self):
-    """The mesh and rules every sharded call must run under."""
-    from contextlib import ExitStack
-    stack = ExitStack()
-    stack.enter_context(jax.set_mesh(self.mesh))
-    stack.enter_context(nnx.logical_axis_rules(self.rules))
-    return stack
+
+def check_tokenizer(cfg: Config, workdir: Path):
+  """The experiment's tokenizer, which must be the one the workdir was trained with."""
+  tok = tokenizers.load(cfg.data.tokenizer)
+  saved = config_lib.saved_tokenizer(workdir)
+  if saved and saved != tok.sha256:
+    raise UserError(f"workdir {workdir} was trained with another tokenizer (sha256 {saved[:12]}...) than "
+                    f"data.tokenizer={cfg.data.tokenizer} (sha256 {tok.sha256[:12]}...); use the one it was trained with")
+  return tok
 
 
 def load(cfg: Config, workdir: str | Path, step: int | None = None, devices=None) -> Trained:
@@ -49,19 +53,41 @@ def load(cfg: Config, workdir: str | Path, step: int | None = None, devices=None
   old = config_lib.saved_model(workdir)
   if old is not None and not config_lib.same_model(cfg, old):
     raise UserError(f"workdir {workdir} holds a different model ({old.get('name')}) than the experiment's "
-                    f"({cfg.model.name}); pass the experiment and --set overrides it was trained with")
-  mesh = build_mesh(cfg.mesh, devices)
-  rules = rules_for(cfg.mesh, mesh)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, target, shardings = state_lib.abstract_state(cfg, mesh)
+                    f"({cfg.model.name}); pass the experiment and --set overrides it was trained with "
+                    f"(or the workdir's config.json)")
+  tok = check_tokenizer(cfg, workdir) if cfg.model.batch_spec().lm else None
+  placed = state_lib.place(cfg, devices)
+  with placed.context():
     ckpt = Checkpointer(ckpt_dir, cfg.checkpoint)
     try:
       if step is None:
-        step, state = ckpt.restore_latest(target, None)
+        step, state = ckpt.restore_latest(placed.target, None, placed.fresh_optimizer)
         if state is None:
           raise UserError(f"no checkpoints in {ckpt_dir}; train first")
       else:
-        state = ckpt.restore_step(step, target)
+        state = ckpt.restore_step(step, placed.target, placed.fresh_optimizer)
     finally:
       ckpt.manager.close()
-  return Trained(cfg, mesh, rules, graphdef, state, shardings, step)
+  return Trained(placed, state, step, tok)
+
+
+def init_workdir(cfg: Config, workdir: str | Path, state=None, devices=None) -> Path:
+  """A workdir at step 0 without training: `cfg`'s config and a checkpoint of `state` (default:
+  a fresh initialisation), loadable like a trained run's; serving and inference benchmarks
+  need a model of the right shape, not good weights. The checkpoint's data position is step
+  0's, so `dcmodel train` can go on from it."""
+  config_lib.validate(cfg)
+  workdir = Path(workdir)
+  if (workdir / "checkpoints").exists():
+    raise UserError(f"{workdir} already holds checkpoints; pick another workdir")
+  tok = tokenizers.load(cfg.data.tokenizer) if cfg.model.batch_spec().lm else None
+  placed = state_lib.place(cfg, devices)
+  state = placed.init() if state is None else state
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_lib.save(cfg, workdir, tok.sha256 if tok else None)
+  position = pipeline.train_iterator(InMemory({"id": np.zeros(1, np.int64)}), None, None, 1, 0)
+  with placed.context():
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    ckpt.save(0, state, position)
+    ckpt.close()
+  return workdir

@@ -18,11 +18,12 @@ from tqdm import tqdm
 
 from dcmodel import config as config_lib
 from dcmodel.config import Config
-from dcmodel.data import pipeline, preprocess, sources
+from dcmodel.data import pipeline
+from dcmodel.data.dataset import Dataset
 from dcmodel.errors import UserError
 from dcmodel.infer import results as results_lib
 from dcmodel.infer.load import load
-from dcmodel.mesh import batch_sharding, check_batch, replicated
+from dcmodel.mesh import check_batch, replicated
 from dcmodel.train import tasks
 
 
@@ -32,7 +33,7 @@ def make_predict_step(graphdef, task: str, state_shardings, data_sharding, input
   def predict_step(state, batch):
     model, _ = nnx.merge(graphdef, state)
     model.eval()
-    return {"label": batch["y"].astype(jnp.int32), **rows_fn(model(*[batch[k] for k in inputs]), batch)}
+    return {"label": batch["y"].astype(jnp.int32), **rows_fn(model(**{k: batch[k] for k in inputs}), batch)}
 
   return jax.jit(predict_step, in_shardings=(state_shardings, data_sharding), out_shardings=replicated(data_sharding.mesh))
 
@@ -43,25 +44,20 @@ def predict(cfg: Config, workdir, out: str, split: str = "test", step: int | Non
   if cfg.model.task not in tasks.ROWS:
     raise UserError(f"predict serves classifiers and the recommender; {cfg.model.name} is a '{cfg.model.task}' model "
                     f"(for gpt use dcmodel generate)")
-  source = sources.load(cfg.data)
-  if split not in source.splits:
-    raise UserError(f"unknown split '{split}'; this source has {', '.join(source.splits)}")
-  prepared = preprocess.prepare(source)          # cleaning and the normalizer fitted on train, as in training
-  trained = load(cfg, workdir, step, devices)
+  spec = cfg.model.batch_spec()
+  dataset = Dataset.load(cfg.data, spec)        # cleaning and the normalizer fitted on train, as in training
   batch = batch_size or cfg.data.eval_batch_size
-  check_batch(batch, trained.mesh, "--batch-size")
-  cols = prepared.splits[split]
-  batches = pipeline.eval_batches(cols, source.feature, prepared.normalizer, batch, prepared.transforms)
-  n = sources.num_rows(cols)
+  batches = dataset.eval_batches(split, batch)
+  n = len(dataset.splits[split])
   if n == 0:
     raise UserError(f"split '{split}' is empty after cleaning")
-
-  data_sharding = batch_sharding(trained.mesh)
-  inputs = getattr(cfg.model, "inputs", ("x",))
-  with trained.context():
-    step_fn = make_predict_step(trained.graphdef, cfg.model.task, trained.shardings, data_sharding, inputs)
+  trained = load(cfg, workdir, step, devices)
+  check_batch(batch, trained.placed.mesh, "--batch-size")
+  data_sharding = trained.placed.data_sharding
+  with trained.placed.context():
+    step_fn = make_predict_step(trained.placed.graphdef, cfg.model.task, trained.placed.shardings, data_sharding, spec.inputs)
     shapes = jax.eval_shape(step_fn, trained.state, {k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype, sharding=data_sharding)
-                                                     for k, v in batches[0].items()})
+                                                     for k, v in batches[0].items() if k in dataset.device_keys})
   columns = {"id": ("int64", ()),
              **{k: (v.dtype.name, tuple(v.shape[1:])) for k, v in shapes.items() if k != "logit"}}
   meta = {"experiment": cfg.name, "model": cfg.model.name, "config_hash": config_lib.config_hash(cfg),
@@ -75,10 +71,10 @@ def predict(cfg: Config, workdir, out: str, split: str = "test", step: int | Non
   t0 = time.perf_counter()
   bar = tqdm(total=len(batches), initial=first, desc=f"predict {split}", unit="batch",
              disable=not progress or jax.process_index() != 0)
-  with trained.context():
+  with trained.placed.context():
     for i in range(first, len(batches)):
       host = batches[i]
-      rows = jax.device_get(step_fn(trained.state, pipeline.to_device(host, data_sharding)))
+      rows = jax.device_get(step_fn(trained.state, pipeline.to_device(host, data_sharding, dataset.device_keys)))
       if writer:
         writer.write(i * batch, {"id": np.arange(i * batch, (i + 1) * batch), **{k: v for k, v in rows.items() if k in columns}})
       bar.update(1)

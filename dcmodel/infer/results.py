@@ -2,12 +2,15 @@
 two small JSON records beside them: `meta.json` (what produced the results) and
 `progress.json` (how many rows are committed).
 
-Rows are written positionally (row i is example i of the split) one batch at a time, and the
-chunk is the batch, so a batch never rewrites another's chunk. `progress.json` moves forward
-only after a batch's columns are all written: a crash leaves every committed row readable,
-and a rerun continues from the first uncommitted row. A row written twice lands in the same
-place, so there are never duplicates. Paths may be local or any TensorStore kvstore URL
-(`gs://bucket/x`, `s3://bucket/x`); only local paths are tested here.
+Two writers share the format. `ResultsWriter` (predict) writes a split positionally (row i is
+example i) one batch at a time, the chunk being the batch, so a batch never rewrites another's
+chunk. `ResultsAppender` (serve) adds rows at the end as requests finish, growing the arrays
+with `resize` a chunk at a time. Either way `progress.json` moves forward only after a write's
+columns are all written (and the arrays grown): a crash leaves every committed row readable,
+never a torn one, and the next writer continues from the first uncommitted row; a row written
+twice lands in the same place, so there are never duplicates. A text column (numpy `S<W>`) is
+stored as W bytes per row and read back as text. Paths may be local or any TensorStore kvstore
+URL (`gs://bucket/x`, `s3://bucket/x`); only local paths are tested here.
 """
 
 from __future__ import annotations
@@ -44,6 +47,58 @@ def _spec(path: str, column: str) -> dict:
   return {"driver": "zarr3", "kvstore": _kvstore(path) + column + "/"}
 
 
+def _dtype_name(dtype) -> str:
+  dtype = np.dtype(dtype)
+  return f"S{dtype.itemsize}" if dtype.kind == "S" else dtype.name
+
+
+def _stored(dtype, shape) -> tuple[np.dtype, tuple]:
+  """How a column is kept: text (numpy S<W>) as W uint8 bytes per row (zarr v3 has no strings)."""
+  dtype = np.dtype(dtype)
+  return (np.dtype(np.uint8), (*shape, dtype.itemsize)) if dtype.kind == "S" else (dtype, tuple(shape))
+
+
+def _to_stored(values, dtype) -> np.ndarray:
+  dtype = np.dtype(dtype)
+  if dtype.kind != "S":
+    return np.asarray(values)
+  text = np.ascontiguousarray(np.asarray(values, dtype))      # longer text is cut at W bytes
+  return np.frombuffer(text.tobytes(), np.uint8).reshape(*text.shape, dtype.itemsize)
+
+
+def _from_stored(values: np.ndarray, dtype) -> np.ndarray:
+  dtype = np.dtype(dtype)
+  if dtype.kind != "S":
+    return values
+  return np.ascontiguousarray(values).view(dtype).reshape(values.shape[:-1])
+
+
+def _create(path: str, name: str, dtype, shape, rows: int, chunk_rows: int):
+  dtype, shape = _stored(dtype, shape)
+  fill = 0 if dtype == np.uint8 else -1 if dtype.kind in "iu" else float("nan")
+  spec = {**_spec(path, name), "metadata": {
+      "shape": [rows, *shape], "data_type": dtype.name,
+      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, *shape]}},
+      "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 3}}],
+      "fill_value": fill, "dimension_names": ["row", *[f"{name}_{i}" for i in range(len(shape))]]}}
+  return ts.open(spec, create=True, delete_existing=True).result()
+
+
+def _check_meta(store: ts.KvStore, path: str, meta: dict, option: str) -> dict | None:
+  """The stored meta.json, if any; a store made by something else is refused, untouched."""
+  old = _read_json(store, META)
+  same = {k: v for k, v in meta.items() if k != "created"}
+  if old is not None and {k: v for k, v in old.items() if k != "created"} != same:
+    diff = sorted(k for k in same if old.get(k) != same[k])
+    raise UserError(f"{path} already holds other results (differs in {', '.join(diff)}: "
+                    f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); choose another {option} or delete it")
+  return old
+
+
+def _describe(columns: dict[str, tuple[str, tuple]]) -> dict:
+  return {k: [_dtype_name(d), list(s)] for k, (d, s) in columns.items()}
+
+
 class ResultsWriter:
   """Create (or reopen to continue) a results store of `rows` rows with the given columns.
 
@@ -54,32 +109,17 @@ class ResultsWriter:
   def __init__(self, path: str, rows: int, chunk_rows: int, columns: dict[str, tuple[str, tuple]], meta: dict):
     self.path, self.rows = str(path), rows
     self.store = _store(self.path)
-    meta = {**meta, "rows": rows, "chunk_rows": chunk_rows,
-            "columns": {k: [np.dtype(d).name, list(s)] for k, (d, s) in columns.items()}}
-    old = _read_json(self.store, META)
-    same = {k: v for k, v in meta.items() if k != "created"}
-    if old is not None and {k: v for k, v in old.items() if k != "created"} != same:
-      diff = sorted(k for k in same if old.get(k) != same[k])
-      raise UserError(f"{path} already holds other results (differs in {', '.join(diff)}: "
-                      f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); choose another --out or delete it")
+    self.dtypes = {k: np.dtype(d) for k, (d, _) in columns.items()}
+    meta = {**meta, "rows": rows, "chunk_rows": chunk_rows, "columns": _describe(columns)}
+    old = _check_meta(self.store, path, meta, "--out")
     if old is None:
       self.done = 0
-      self.arrays = {name: self._create(name, dtype, shape, chunk_rows) for name, (dtype, shape) in columns.items()}
+      self.arrays = {name: _create(self.path, name, dtype, shape, rows, chunk_rows) for name, (dtype, shape) in columns.items()}
       self.store.write(META, json.dumps({**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1)).result()
       self._commit(0)
     else:
       self.done = int((_read_json(self.store, PROGRESS) or {"rows_done": 0})["rows_done"])
       self.arrays = {name: ts.open(_spec(self.path, name), open=True, write=True).result() for name in columns}
-
-  def _create(self, name, dtype, shape, chunk_rows):
-    dtype = np.dtype(dtype)
-    fill = -1 if dtype.kind in "iu" else float("nan")
-    spec = {**_spec(self.path, name), "metadata": {
-        "shape": [self.rows, *shape], "data_type": dtype.name,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, *shape]}},
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 3}}],
-        "fill_value": fill, "dimension_names": ["row", *[f"{name}_{i}" for i in range(len(shape))]]}}
-    return ts.open(spec, create=True, delete_existing=True).result()
 
   def _commit(self, rows_done: int) -> None:
     self.store.write(PROGRESS, json.dumps({"rows_done": rows_done})).result()
@@ -89,11 +129,54 @@ class ResultsWriter:
     """Write rows [start, start + n) of every column, then commit them."""
     n = len(next(iter(columns.values())))
     stop = min(start + n, self.rows)
-    futures = [self.arrays[k][start:stop].write(np.asarray(v)[: stop - start]) for k, v in columns.items()]
+    futures = [self.arrays[k][start:stop].write(_to_stored(v, self.dtypes[k])[: stop - start]) for k, v in columns.items()]
     for f in futures:
       f.result()
     if stop > self.done:
       self._commit(stop)
+
+
+class ResultsAppender:
+  """An appendable results store (serving): rows added at the end, any number at a time. The
+  arrays grow a chunk at a time (`resize`) before a write; `progress.json` commits after it.
+  Reopening a store made by the same model continues after its committed rows."""
+
+  def __init__(self, path: str, chunk_rows: int, columns: dict[str, tuple[str, tuple]], meta: dict, option: str = "--results"):
+    self.path, self.chunk_rows = str(path), chunk_rows
+    self.store = _store(self.path)
+    self.dtypes = {k: np.dtype(d) for k, (d, _) in columns.items()}
+    meta = {**meta, "rows": None, "appendable": True, "chunk_rows": chunk_rows, "columns": _describe(columns)}
+    old = _check_meta(self.store, path, meta, option)
+    if old is None:
+      self.done = 0
+      self.arrays = {name: _create(self.path, name, dtype, shape, chunk_rows, chunk_rows) for name, (dtype, shape) in columns.items()}
+      self.store.write(META, json.dumps({**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1)).result()
+      self._commit(0)
+    else:
+      self.done = int((_read_json(self.store, PROGRESS) or {"rows_done": 0})["rows_done"])
+      self.arrays = {name: ts.open(_spec(self.path, name), open=True, write=True).result() for name in columns}
+
+  @property
+  def capacity(self) -> int:
+    return min(a.shape[0] for a in self.arrays.values())
+
+  def _commit(self, rows_done: int) -> None:
+    self.store.write(PROGRESS, json.dumps({"rows_done": rows_done})).result()
+    self.done = rows_done
+
+  def append(self, columns: dict[str, np.ndarray]) -> int:
+    """Add rows after the committed ones; returns the first new row's number."""
+    n = len(next(iter(columns.values())))
+    start, stop = self.done, self.done + n
+    if stop > self.capacity:
+      rows = -(-stop // self.chunk_rows) * self.chunk_rows
+      futures = {k: a.resize(exclusive_max=[rows, *[None] * (a.rank - 1)]) for k, a in self.arrays.items()}
+      self.arrays = {k: f.result() for k, f in futures.items()}
+    futures = [self.arrays[k][start:stop].write(_to_stored(v, self.dtypes[k])) for k, v in columns.items()]
+    for f in futures:
+      f.result()
+    self._commit(stop)
+    return start
 
 
 class Results:
@@ -119,12 +202,14 @@ class Results:
   def read(self, rows, columns=None) -> dict[str, np.ndarray]:
     """Columns at `rows` (a slice or an array of row numbers), as NumPy arrays."""
     columns = columns or self.columns
-    if isinstance(rows, slice):
-      return {c: self.array(c)[rows].read().result() for c in columns}
+    dtype = lambda c: self.meta["columns"][c][0]
+    if isinstance(rows, slice):    # never past the committed rows
+      rows = slice(*rows.indices(self.rows_done))
+      return {c: _from_stored(self.array(c)[rows].read().result(), dtype(c)) for c in columns}
     rows = np.asarray(rows, np.int64)
     if not len(rows):
-      return {c: np.zeros((0, *self.meta["columns"][c][1]), self.meta["columns"][c][0]) for c in columns}
-    return {c: self.array(c).oindex[rows].read().result() for c in columns}
+      return {c: np.zeros((0, *self.meta["columns"][c][1]), dtype(c)) for c in columns}
+    return {c: _from_stored(self.array(c).oindex[rows].read().result(), dtype(c)) for c in columns}
 
   def blocks(self, columns):
     """(first row, {column: values}) over the committed rows, one chunk at a time."""
@@ -145,8 +230,9 @@ def parse_range(text: str, rows: int) -> slice:
 _OPS = {"==": np.equal, "!=": np.not_equal, "<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater}
 
 
-def parse_where(text: str, columns: list[str]):
-  """'COLUMN OP VALUE' or 'COLUMN OP COLUMN' (OP one of == != < <= > >=) -> (lhs, op, rhs)."""
+def parse_where(text: str, columns: list[str], text_columns=()):
+  """'COLUMN OP VALUE' or 'COLUMN OP COLUMN' (OP one of == != < <= > >=) -> (lhs, op, rhs); a
+  text column's VALUE is text (quotes optional)."""
   for op in ("==", "!=", "<=", ">=", "<", ">"):
     if op in text:
       lhs, rhs = (s.strip() for s in text.split(op, 1))
@@ -155,7 +241,9 @@ def parse_where(text: str, columns: list[str]):
     raise UserError(f"--where must look like 'COLUMN OP VALUE' with OP one of == != < <= > >=, got '{text}'")
   if lhs not in columns:
     raise UserError(f"--where names unknown column '{lhs}'; columns: {', '.join(columns)}")
-  if rhs not in columns:
+  if rhs not in columns and lhs in text_columns:
+    rhs = rhs.strip("'\"").encode("utf-8")
+  elif rhs not in columns:
     try:
       rhs = float(rhs)
     except ValueError:
@@ -169,9 +257,11 @@ def query(path: str, ids=None, range: str | None = None, where: tuple[str, ...] 
   optionally the top K of them by a column; only the chunks needed are read."""
   res = Results(path)
   scalar = [c for c in res.columns if not res.meta["columns"][c][1]]
-  conds = [parse_where(w, scalar) for w in where]
-  if top is not None and (top < 1 or by not in scalar):
-    raise UserError(f"--top needs K >= 1 and --by one of {', '.join(scalar)}; got K={top}, --by {by}")
+  text = [c for c in scalar if res.meta["columns"][c][0].startswith("S")]
+  numeric = [c for c in scalar if c not in text]
+  conds = [parse_where(w, scalar, text) for w in where]
+  if top is not None and (top < 1 or by not in numeric):
+    raise UserError(f"--top needs K >= 1 and --by one of {', '.join(numeric)}; got K={top}, --by {by}")
   window = parse_range(range, res.rows_done) if range else slice(0, res.rows_done)
   need = sorted({c[0] for c in conds} | {c[2] for c in conds if isinstance(c[2], str)} | ({by} if top else set()))
   if ids is not None:

@@ -15,13 +15,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dcmodel.errors import UserError
-from dcmodel.models.layers import compute_dtype, conv_function, dense, param_init, zeros
-from dcmodel.models.registry import register
+from dcmodel.data.types import BatchSpec, Field
+from dcmodel.models.layers import compute_dtype, conv_function, dense, label_fields, param_init, zeros
+from dcmodel.models.registry import ModelConfig, register
 
 
 @register("cnn")
 @dataclasses.dataclass(frozen=True)
-class CNNConfig:
+class CNNConfig(ModelConfig):
   image_size: tuple[int, int] = (8, 8)
   channels: int = 1
   features: tuple[int, ...] = (32, 64)
@@ -41,8 +42,9 @@ class CNNConfig:
     if any(s % 2 ** len(self.features) for s in self.image_size):
       raise UserError(f"model.image_size={self.image_size} must be divisible by 2**len(features)={2 ** len(self.features)} (one 2x2 pool per conv)")
 
-  def input_shape(self):
-    return (*self.image_size, self.channels)
+  def batch_spec(self) -> BatchSpec:
+    return BatchSpec({"x": Field((*self.image_size, self.channels), "float32"), **label_fields(self.task, self.num_outputs)},
+                     ("x",))
 
   def make(self, rngs):
     return CNN(self, rngs=rngs)

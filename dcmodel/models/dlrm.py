@@ -16,13 +16,14 @@ import numpy as np
 from flax import nnx
 
 from dcmodel.errors import UserError
-from dcmodel.models.layers import compute_dtype, dense, param_init
-from dcmodel.models.registry import register
+from dcmodel.data.types import BatchSpec, Field
+from dcmodel.models.layers import compute_dtype, dense, label_fields, param_init
+from dcmodel.models.registry import ModelConfig, register
 
 
 @register("dlrm")
 @dataclasses.dataclass(frozen=True)
-class DLRMConfig:
+class DLRMConfig(ModelConfig):
   num_dense: int = 13
   table_sizes: tuple[int, ...] = (1000, 500, 200, 100)
   embed_dim: int = 16
@@ -30,7 +31,6 @@ class DLRMConfig:
   top: tuple[int, ...] = (64, 32)
   task: str = "binary"
   dtype: str = "float32"           # compute dtype (bfloat16: mixed precision)
-  inputs: ClassVar[tuple[str, ...]] = ("x", "cat")
   name: ClassVar[str]
 
   def validate(self):
@@ -40,8 +40,10 @@ class DLRMConfig:
     if min((*self.table_sizes, *self.bottom, *self.top, self.embed_dim, self.num_dense)) <= 0:
       raise UserError("model sizes must be positive")
 
-  def input_shape(self):
-    return (self.num_dense,)
+  def batch_spec(self) -> BatchSpec:
+    return BatchSpec({"x": Field((self.num_dense,), "float32"),
+                      "cat": Field((len(self.table_sizes),), "int32", 0, tuple(self.table_sizes)),
+                      **label_fields(self.task, 1)}, ("x", "cat"))
 
   def make(self, rngs):
     return DLRM(self, rngs=rngs)

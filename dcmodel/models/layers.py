@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dcmodel.data.types import Field
 from dcmodel.errors import UserError
 
 # Compute dtypes by config name. Parameters and optimizer state stay float32 whatever is chosen
@@ -16,6 +17,13 @@ def compute_dtype(name: str):
   if name not in DTYPES:
     raise UserError(f"model.dtype='{name}' is not one of {', '.join(DTYPES)}")
   return DTYPES[name]
+
+
+def label_fields(task: str, num_outputs: int) -> dict[str, Field]:
+  """The fields a classification or binary task reads beside the inputs: the label (in the
+  classes the model predicts) and the example mask (0 for an evaluation batch's padding)."""
+  classes = num_outputs if task == "classification" else 2
+  return {"y": Field((), "int32", 0, classes), "mask": Field((), "float32")}
 
 
 def param_init(axes: tuple, init=None):

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dcmodel.errors import UserError
-from dcmodel.models.layers import compute_dtype, dense
-from dcmodel.models.registry import register
+from dcmodel.data.types import BatchSpec, Field
+from dcmodel.models.layers import compute_dtype, dense, label_fields
+from dcmodel.models.registry import ModelConfig, register
 
 
 @register("mlp")
 @dataclasses.dataclass(frozen=True)
-class MLPConfig:
+class MLPConfig(ModelConfig):
   input_dim: int = 64
   hidden: tuple[int, ...] = (256, 128)
   num_outputs: int = 10
@@ -29,8 +30,8 @@ class MLPConfig:
     if self.input_dim <= 0 or self.num_outputs <= 0 or any(h <= 0 for h in self.hidden):
       raise UserError(f"model sizes must be positive: input_dim={self.input_dim}, hidden={self.hidden}, num_outputs={self.num_outputs}")
 
-  def input_shape(self):
-    return (self.input_dim,)
+  def batch_spec(self) -> BatchSpec:
+    return BatchSpec({"x": Field((self.input_dim,), "float32"), **label_fields(self.task, self.num_outputs)}, ("x",))
 
   def make(self, rngs):
     return MLP(self, rngs=rngs)

@@ -13,6 +13,14 @@ from dcmodel.errors import UserError
 _CONFIGS: dict[str, type] = {}
 
 
+class ModelConfig:
+  """What every family's config has beside its fields: the batch it declares (`batch_spec()`,
+  defined by the family) and, from it, the shape of one input example."""
+
+  def input_shape(self) -> tuple[int, ...]:
+    return self.batch_spec().fields["x"].shape
+
+
 def register(name: str):
   def wrap(cls):
     cls.name = name

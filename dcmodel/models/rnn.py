@@ -13,13 +13,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dcmodel.errors import UserError
-from dcmodel.models.layers import compute_dtype, dense, param_init
-from dcmodel.models.registry import register
+from dcmodel.data.types import BatchSpec, Field
+from dcmodel.models.layers import compute_dtype, dense, label_fields, param_init
+from dcmodel.models.registry import ModelConfig, register
 
 
 @register("gru")
 @dataclasses.dataclass(frozen=True)
-class GRUConfig:
+class GRUConfig(ModelConfig):
   vocab_size: int = 256
   seq_len: int = 256
   embed_dim: int = 64
@@ -37,8 +38,9 @@ class GRUConfig:
       if getattr(self, f) <= 0:
         raise UserError(f"model.{f} must be positive, got {getattr(self, f)}")
 
-  def input_shape(self):
-    return (self.seq_len,)
+  def batch_spec(self) -> BatchSpec:
+    return BatchSpec({"x": Field((self.seq_len,), "int32", 0, self.vocab_size), **label_fields(self.task, self.num_outputs)},
+                     ("x",))
 
   def make(self, rngs):
     return GRU(self, rngs=rngs)
@@ -54,8 +56,8 @@ class GRU(nnx.Module):
     self.head = dense(cfg.hidden, cfg.num_outputs, (None, "classes"), rngs=rngs, dtype=dtype)
     self.hidden, self.unroll = cfg.hidden, cfg.unroll
 
-  def __call__(self, tokens):
-    x = self.embed(tokens)                                          # (batch, length, embed)
+  def __call__(self, x):
+    x = self.embed(x)                                               # (batch, length, embed)
     h0 = jnp.zeros((x.shape[0], self.hidden), x.dtype)
 
     @nnx.scan(in_axes=(nnx.Carry, None, 1), out_axes=nnx.Carry, unroll=self.unroll)

@@ -15,17 +15,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dcmodel.data.types import BatchSpec, Field
 from dcmodel.errors import UserError
 from dcmodel.mesh import constrain
-from dcmodel.models.layers import DTYPES, compute_dtype, param_init, zeros
-from dcmodel.models.registry import register
+from dcmodel.models.attention import IMPLS, attend, unfit
+from dcmodel.models.layers import DTYPES, compute_dtype, label_fields, param_init, zeros
+from dcmodel.models.registry import ModelConfig, register
 
 REMAT = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(ModelConfig):
   vocab_size: int = 256
   max_len: int = 256
   d_model: int = 256
@@ -36,13 +38,16 @@ class TransformerConfig:
   mlp: str = "gelu"                # gelu | swiglu
   norm: str = "layernorm"          # layernorm | rmsnorm
   positions: str = "learned"       # learned | rope
+  rope_theta: float = 10000.0      # RoPE base wavelength (Llama 2: 1e4, Llama 3: 5e5)
+  norm_eps: float = 1e-6           # epsilon of every LayerNorm / RMSNorm (GPT-2: 1e-5)
   tie_embeddings: bool = True
   use_bias: bool = True
   dropout: float = 0.0             # on embeddings and each residual branch, in training only
   dtype: str = "float32"           # compute dtype; parameters and optimizer state stay float32
   remat: str = "none"              # none | block | dots
+  attention: str = "auto"          # auto | xla | cudnn | splash: the kernel (models/attention.py)
   name: ClassVar[str]
-  COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ("remat",)   # a checkpoint resumes under any of these
+  COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ("remat", "attention")   # a checkpoint resumes under any of these
 
   @property
   def kv_heads(self) -> int:
@@ -61,14 +66,19 @@ class TransformerConfig:
     if self.num_heads % self.kv_heads:
       raise UserError(f"model.num_kv_heads={self.kv_heads} does not divide model.num_heads={self.num_heads}")
     for field, allowed in (("mlp", ("gelu", "swiglu")), ("norm", ("layernorm", "rmsnorm")),
-                           ("positions", ("learned", "rope")), ("remat", tuple(REMAT))):
+                           ("positions", ("learned", "rope")), ("remat", tuple(REMAT)), ("attention", IMPLS)):
       if getattr(self, field) not in allowed:
         raise UserError(f"model.{field}='{getattr(self, field)}' is not one of {', '.join(allowed)}")
     compute_dtype(self.dtype)
+    if self.attention != "auto" and (why := unfit(self.attention, backend=None, dtype=DTYPES[self.dtype], q_len=self.max_len,
+                                                  kv_len=self.max_len, head_dim=self.head_dim, masked=False, cache=False)):
+      raise UserError(f"model.attention={self.attention} cannot take this model: {why}")
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
     if self.positions == "rope" and self.head_dim % 2:
       raise UserError(f"rope needs an even head dimension, got d_model/num_heads={self.head_dim}")
+    if self.rope_theta <= 0 or self.norm_eps <= 0:
+      raise UserError(f"model.rope_theta and model.norm_eps must be > 0, got {self.rope_theta} and {self.norm_eps}")
 
 
 @register("gpt")
@@ -76,8 +86,15 @@ class TransformerConfig:
 class GPTConfig(TransformerConfig):
   task: str = "lm"
 
-  def input_shape(self):
-    return (self.max_len,)
+  def batch_spec(self) -> BatchSpec:
+    """Packed rows of a token stream: inputs, next-token targets, the document each token is in
+    and its position there, and per target its weight (0 across a document boundary or on
+    padding) and UTF-8 bytes (for bits per byte)."""
+    L, ids = (self.max_len,), lambda: Field((self.max_len,), "int32", 0, self.vocab_size)
+    return BatchSpec({"x": ids(), "y": ids(), "segment_ids": Field(L, "int32"),
+                      "positions": Field(L, "int32", 0, self.max_len), "weights": Field(L, "float32"),
+                      "target_bytes": Field(L, "float32"), "mask": Field((), "float32")},
+                     ("x", "segment_ids", "positions"), lm=True)
 
   def make(self, rngs):
     return GPT(self, rngs=rngs)
@@ -89,8 +106,9 @@ class BERTConfig(TransformerConfig):
   num_outputs: int = 10
   task: str = "classification"
 
-  def input_shape(self):
-    return (self.max_len,)
+  def batch_spec(self) -> BatchSpec:
+    return BatchSpec({"x": Field((self.max_len,), "int32", 0, self.vocab_size), **label_fields(self.task, self.num_outputs)},
+                     ("x",))
 
   def make(self, rngs):
     return BERT(self, rngs=rngs)
@@ -99,12 +117,14 @@ class BERTConfig(TransformerConfig):
 def _norm(cfg, rngs):
   scale = nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",))
   if cfg.norm == "rmsnorm":
-    return nnx.RMSNorm(cfg.d_model, scale_init=scale, rngs=rngs)
-  return nnx.LayerNorm(cfg.d_model, scale_init=scale, bias_init=zeros(("embed",)), use_bias=cfg.use_bias, rngs=rngs)
+    return nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, scale_init=scale, rngs=rngs)
+  return nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, scale_init=scale, bias_init=zeros(("embed",)),
+                       use_bias=cfg.use_bias, rngs=rngs)
 
 
 def rope(x, positions, base: float = 10000.0):
-  """Rotary embedding on (..., length, heads, head_dim); positions (length,) or (batch, length)."""
+  """Rotary embedding on (..., length, heads, head_dim); positions (length,) or (batch, length).
+  The rotate-half layout: dimension i pairs with i + head_dim/2 (as Hugging Face's Llama)."""
   half = x.shape[-1] // 2
   freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions[..., None].astype(jnp.float32) * freq                   # (..., length, half)
@@ -116,33 +136,57 @@ def rope(x, positions, base: float = 10000.0):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """One layer's keys and values for decoding, (batch, slots, kv_heads, head_dim), plus where
-  the next tokens go. Prompts are left-padded: row b's real tokens start at slot `start[b]`."""
+  """One layer's keys and values for decoding, (batch, kv_heads, length, head_dim), and per row
+  where its next tokens go (`index`) and where its real tokens start (`start`: left padding).
+  Rows move independently: an offline batch (generate) keeps every row at the same index, a
+  serving engine's slots are each at their own, joining and leaving between steps. Heads come
+  before positions so attention reads the cache as it lies (no transpose of the whole cache
+  per step, which dominated a CPU decode step in the other order)."""
   k: jax.Array
   v: jax.Array
-  index: jax.Array          # scalar: slot of the first token being written
-  start: jax.Array          # (batch,): first real slot of each row
+  index: jax.Array          # (batch,): position of the first token being written, per row
+  start: jax.Array          # (batch,): first real position of each row
 
-  AXES: ClassVar[tuple] = ("batch", None, "act_kv_heads", None)
+  AXES: ClassVar[tuple] = ("batch", "act_kv_heads", None, None)
 
   @classmethod
-  def zeros(cls, cfg: TransformerConfig, batch: int, slots: int, start, dtype):
-    shape = (batch, slots, cfg.kv_heads, cfg.head_dim)
+  def zeros(cls, cfg: TransformerConfig, batch: int, length: int, start, dtype):
+    shape = (batch, cfg.kv_heads, length, cfg.head_dim)
     kv = constrain(jnp.zeros(shape, dtype), cls.AXES)
-    return cls(kv, kv, jnp.zeros((), jnp.int32), jnp.asarray(start, jnp.int32))
+    return cls(kv, kv, jnp.zeros((batch,), jnp.int32), jnp.broadcast_to(jnp.asarray(start, jnp.int32), (batch,)))
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[2]
 
   def write(self, k, v) -> "KVCache":
-    at = (0, self.index, 0, 0)
-    k = constrain(jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at), self.AXES)
-    v = constrain(jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at), self.AXES)
+    """Each row's new keys and values, (batch, new, kv_heads, head_dim), at its own index (the
+    caller keeps index + new <= length)."""
+    put = jax.vmap(lambda cache, new, i: jax.lax.dynamic_update_slice(cache, new.transpose(1, 0, 2), (0, i, 0)))
+    k = constrain(put(self.k, k.astype(self.k.dtype), self.index), self.AXES)
+    v = constrain(put(self.v, v.astype(self.v.dtype), self.index), self.AXES)
     return dataclasses.replace(self, k=k, v=v)
 
+  def positions(self, length: int):
+    """(batch, length) cache positions of `length` new tokens."""
+    return self.index[:, None] + jnp.arange(length)
+
   def mask(self, length: int):
-    """(batch, 1, length, slots): causal over slots, and never a row's left padding."""
-    query = self.index + jnp.arange(length)
-    key = jnp.arange(self.k.shape[1])
-    ok = (key[None, None, :] <= query[None, :, None]) & (key[None, None, :] >= self.start[:, None, None])
-    return ok[:, None]
+    """(batch, length, cache length): causal over positions, and never a row's left padding."""
+    query = self.positions(length)
+    key = jnp.arange(self.length)
+    return (key[None, None, :] <= query[:, :, None]) & (key[None, None, :] >= self.start[:, None, None])
+
+  def attend(self, q):
+    """Attention of queries (batch, new, heads, head_dim) over the cache (GQA: each KV head
+    serves heads / kv_heads queries), as jax.nn.dot_product_attention computes it."""
+    b, n, h, d = q.shape
+    kv = self.k.shape[1]
+    q = q.reshape(b, n, kv, h // kv, d)
+    logits = jnp.einsum("bnkgd,bksd->bkgns", q, self.k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    logits = jnp.where(self.mask(n)[:, None, None], logits, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.v.dtype)
+    return jnp.einsum("bkgns,bksd->bnkgd", probs, self.v).reshape(b, n, h, d).astype(q.dtype)
 
 
 class Attention(nnx.Module):
@@ -155,21 +199,28 @@ class Attention(nnx.Module):
     self.wo = nnx.Param(param_init(("heads", "head_dim", "embed"),
                                    nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2))(rngs.params(), (h, hd, d)))
     self.bo = nnx.Param(zeros(("embed",))(rngs.params(), (d,))) if cfg.use_bias else None
+    # Q/K/V biases (GPT-2's c_attn bias). Zeros need no random key: drawing none leaves every
+    # other parameter's initial values as they were before these existed.
+    bias = lambda axes, n: nnx.Param(zeros(axes)(jax.random.key(0), (n, hd))) if cfg.use_bias else None
+    self.bq, self.bk, self.bv = bias(("heads", "head_dim"), h), bias(("kv_heads", "head_dim"), k), bias(("kv_heads", "head_dim"), k)
     self.cfg = cfg
 
-  def __call__(self, x, causal: bool, positions, dtype, cache: KVCache | None = None):
+  def __call__(self, x, causal: bool, positions, dtype, cache: KVCache | None = None, segment_ids=None):
     cfg = self.cfg
     q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dtype))
     k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dtype))
     v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(dtype))
+    if self.bq is not None:
+      q, k, v = (t + b[...].astype(dtype) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
     if cfg.positions == "rope":
-      q, k = rope(q, positions), rope(k, positions)
+      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     q = constrain(q, ("batch", "act_length", "act_heads", None))
     if cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)          # GQA: k/v heads are shared
+      # Packed rows: a token attends only within its own document (same segment id).
+      out = attend(q, k, v, causal=causal, segment_ids=segment_ids, impl=cfg.attention)   # GQA: k/v heads are shared
     else:
       cache = cache.write(k, v)
-      out = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=cache.mask(q.shape[1]))
+      out = cache.attend(q)     # decoding: the cache's own layout and mask, plain XLA on every platform
     out = constrain(out, ("batch", "act_length", "act_heads", None))
     y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
     y = y + self.bo[...].astype(dtype) if self.bo is not None else y
@@ -207,8 +258,8 @@ class Block(nnx.Module):
     self.norm2, self.mlp = _norm(cfg, rngs), MLP(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, x, causal, positions, dtype, cache: KVCache | None = None, key=None):
-    a = self.attn(self.norm1(x).astype(dtype), causal, positions, dtype, cache)
+  def __call__(self, x, causal, positions, dtype, cache: KVCache | None = None, key=None, segment_ids=None):
+    a = self.attn(self.norm1(x).astype(dtype), causal, positions, dtype, cache, segment_ids)
     if cache is not None:
       a, cache = a
     x = x + _drop(self.dropout, a, key, 0)
@@ -230,17 +281,20 @@ class Trunk(nnx.Module):
     self.final_norm = _norm(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, tokens, causal: bool, dropout_key=None):
+  def __call__(self, tokens, causal: bool, dropout_key=None, segment_ids=None, positions=None):
+    """`segment_ids` and `positions` (batch, length): packed rows, where attention stays inside
+    each document and positions count from each document's start. Without them, one sequence
+    per row at positions 0, 1, ..."""
     cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
-    positions = jnp.arange(tokens.shape[1])
+    positions = jnp.arange(tokens.shape[1]) if positions is None else positions
     keys = [None] * (cfg.num_layers + 1) if dropout_key is None else list(jax.random.split(dropout_key, cfg.num_layers + 1))
     x = _drop(self.dropout, self._embed(tokens, positions, dtype), keys[-1], 0)
     policy = REMAT[cfg.remat]
     for block, key in zip(self.blocks, keys):
       if cfg.remat != "none":
-        x = nnx.remat(lambda b, y, k: b(y, causal, positions, dtype, key=k), policy=policy)(block, x, key)
+        x = nnx.remat(lambda b, y, k: b(y, causal, positions, dtype, key=k, segment_ids=segment_ids), policy=policy)(block, x, key)
       else:
-        x = block(x, causal, positions, dtype, key=key)
+        x = block(x, causal, positions, dtype, key=key, segment_ids=segment_ids)
     return self.final_norm(x)
 
   def _embed(self, tokens, positions, dtype):
@@ -253,8 +307,7 @@ class Trunk(nnx.Module):
     """Causal pass over new tokens against the caches (prefill: the whole prompt; decode: one
     token). Positions count from each row's first real token, so left padding changes nothing."""
     dtype = DTYPES[self.cfg.dtype]
-    slots = caches[0].index + jnp.arange(tokens.shape[1])
-    positions = jnp.maximum(slots[None, :] - caches[0].start[:, None], 0)
+    positions = jnp.maximum(caches[0].positions(tokens.shape[1]) - caches[0].start[:, None], 0)
     x = self._embed(tokens, positions, dtype)
     new = []
     for block, cache in zip(self.blocks, caches):
@@ -269,17 +322,21 @@ class GPT(nnx.Module):
     self.unembed = (None if cfg.tie_embeddings else
                     nnx.Param(param_init(("embed", "vocab"))(rngs.params(), (cfg.d_model, cfg.vocab_size))))
 
-  def __call__(self, tokens, dropout_key=None):
-    return self._logits(self.trunk(tokens, causal=True, dropout_key=dropout_key))
+  def __call__(self, x, segment_ids=None, positions=None, dropout_key=None):
+    return self._logits(self.trunk(x, causal=True, dropout_key=dropout_key, segment_ids=segment_ids, positions=positions))
 
-  def decode(self, tokens, caches: list[KVCache]):
-    """(logits of the new tokens, updated caches): the KV-cache path of generation."""
+  def decode(self, tokens, caches: list[KVCache], at=None):
+    """(logits of the new tokens, updated caches): the KV-cache path of generation. With `at`
+    (batch,), only the logits at those positions of the new tokens, (batch, 1, vocab): a
+    prefill needs one row's last, not a prompt's worth of vocabulary-wide rows."""
     x, caches = self.trunk.decode(tokens, caches)
+    if at is not None:
+      x = jnp.take_along_axis(x, at[:, None, None], axis=1)
     return self._logits(x), caches
 
-  def init_caches(self, batch: int, slots: int, start) -> list[KVCache]:
+  def init_caches(self, batch: int, length: int, start=0) -> list[KVCache]:
     cfg = self.trunk.cfg
-    return [KVCache.zeros(cfg, batch, slots, start, DTYPES[cfg.dtype]) for _ in range(cfg.num_layers)]
+    return [KVCache.zeros(cfg, batch, length, start, DTYPES[cfg.dtype]) for _ in range(cfg.num_layers)]
 
   def _logits(self, x):
     w = self.trunk.embed.embedding[...].T if self.unembed is None else self.unembed[...]
@@ -295,6 +352,6 @@ class BERT(nnx.Module):
     self.head = nnx.Linear(cfg.d_model, cfg.num_outputs, rngs=rngs, dtype=DTYPES[cfg.dtype],
                            kernel_init=param_init(("embed", "classes")), bias_init=zeros(("classes",)))
 
-  def __call__(self, tokens, dropout_key=None):
-    x = self.trunk(tokens, causal=False, dropout_key=dropout_key)
+  def __call__(self, x, dropout_key=None):
+    x = self.trunk(x, causal=False, dropout_key=dropout_key)
     return self.head(x.mean(axis=1, dtype=jnp.float32)).astype(jnp.float32)

@@ -15,12 +15,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dcmodel.config import Config
-from dcmodel.data import pipeline, preprocess, sources
+from dcmodel.data import pipeline
+from dcmodel.data.dataset import Dataset
 from dcmodel.errors import UserError
-from dcmodel.mesh import build_mesh, rules_for
 from dcmodel.parallel import allreduce
 from dcmodel.train import state as state_lib
 from dcmodel.train import tasks
+from dcmodel.train.evaluate import bound_in_flight, evaluate
 from dcmodel.train.step import make_eval_step
 
 
@@ -34,7 +35,7 @@ def make_step(graphdef, task_fn, mesh, compression: str, inputs=("x",)):
            check_vma=False)
   def step(state, residual, batch):
     model, opt = nnx.merge(graphdef, state)
-    (_, sums), grads = nnx.value_and_grad(lambda m: task_fn(m(*[batch[k] for k in inputs]), batch), has_aux=True)(model)
+    (_, sums), grads = nnx.value_and_grad(lambda m: task_fn(m(**{k: batch[k] for k in inputs}), batch), has_aux=True)(model)
     local_residual = jax.tree.map(lambda r: r[0], residual) if compression != "none" else None
     grads, local_residual = allreduce.tree_mean(grads, "data", compression, local_residual)   # the one collective
     opt.update(model, grads)
@@ -59,30 +60,28 @@ def train(cfg: Config, compression: str = "none", devices=None, steps: int | Non
   if (cfg.mesh.fsdp, cfg.mesh.model, cfg.mesh.stage) != (1, 1, 1):
     raise UserError("explicit data parallelism uses a data-only mesh (mesh.fsdp = mesh.model = mesh.stage = 1)")
   steps = steps or cfg.train.steps
-  mesh = build_mesh(cfg.mesh, devices)
+  placed = state_lib.place(cfg, devices)
+  mesh, graphdef = placed.mesh, placed.graphdef
   n = mesh.shape["data"]
-  source = sources.load(cfg.data)
-  prepared = preprocess.prepare(source)
+  spec = cfg.model.batch_spec()
+  dataset = Dataset.load(cfg.data, spec)
   task_fn = tasks.get(cfg.model.task)
-  inputs = getattr(cfg.model, "inputs", ("x",))
+  inputs = spec.inputs
   data_sharding = NamedSharding(mesh, P("data"))
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
-    graphdef, target, _ = state_lib.abstract_state(cfg, mesh)
-    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), target)    # every device holds the whole state
-    state = state_lib.init_state(cfg, replicated)
+  with placed.context():
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), placed.target)    # every device holds the whole state
+    state = jax.device_put(placed.init(), replicated)
     params = state_lib.params(graphdef, state)
     residual = jax.tree.map(lambda p: jnp.zeros((n, *p.shape), p.dtype, device=data_sharding), params)
     step = make_step(graphdef, task_fn, mesh, compression, inputs)
-    it = pipeline.train_iterator(prepared.splits["train"], source.feature, prepared.normalizer,
-                                 cfg.data.global_batch_size, cfg.data.shuffle_seed, transforms=prepared.transforms)
-    from dcmodel.train.loop import bound_in_flight, evaluate
+    it = dataset.train_iterator(cfg.data.global_batch_size, cfg.data.shuffle_seed)
     losses = []
     for _ in range(steps):
-      state, residual, sums = step(state, residual, pipeline.to_device(next(it), data_sharding))
+      state, residual, sums = step(state, residual, pipeline.to_device(next(it), data_sharding, dataset.device_keys))
       losses.append(sums)
       bound_in_flight(losses)
     losses = np.array([float(s["loss_sum"]) / float(s["count"]) for s in jax.device_get(losses)])
     eval_step = make_eval_step(graphdef, task_fn, replicated, data_sharding, inputs)
-    final = evaluate(eval_step, state, prepared, source.feature, cfg.data.eval_batch_size, data_sharding, cfg.model.task)
+    final = evaluate(eval_step, state, dataset, "test", cfg.data.eval_batch_size, data_sharding, cfg.model.task)
   bytes_per_step = allreduce.bytes_sent_per_device(allreduce.tree_size(params), n, compression)
   return DPRun(losses, final, bytes_per_step, jax.device_get(state_lib.params(graphdef, state)))

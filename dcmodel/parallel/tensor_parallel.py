@@ -42,16 +42,17 @@ def mlp(mesh, params: dict, x, kind: str = "gelu", sequence_parallel: bool = Fal
 
 
 def attention(mesh, params: dict, x, causal: bool = True, rope_fn=None):
-  """params: wq (D, H, hd), wk/wv (D, K, hd), wo (H, hd, D), optional bo (D,); heads split over 'model'."""
+  """params: wq (D, H, hd), wk/wv (D, K, hd), wo (H, hd, D), optional bq (H, hd), bk/bv (K, hd),
+  bo (D,); heads split over 'model'."""
   specs = {"wq": P(None, "model", None), "wk": P(None, "model", None), "wv": P(None, "model", None),
-           "wo": P("model", None, None)}
-  local = {k: params[k] for k in specs}
+           "wo": P("model", None, None), "bq": P("model", None), "bk": P("model", None), "bv": P("model", None)}
+  local = {k: v for k, v in params.items() if k in specs and v is not None}
 
-  @partial(jax.shard_map, mesh=mesh, in_specs=(specs, P()), out_specs=P(), check_vma=False)
+  @partial(jax.shard_map, mesh=mesh, in_specs=({k: specs[k] for k in local}, P()), out_specs=P(), check_vma=False)
   def block(p, x):
-    q = jnp.einsum("bld,dhk->blhk", x, p["wq"])
-    k = jnp.einsum("bld,dhk->blhk", x, p["wk"])
-    v = jnp.einsum("bld,dhk->blhk", x, p["wv"])
+    q = jnp.einsum("bld,dhk->blhk", x, p["wq"]) + p.get("bq", 0.0)
+    k = jnp.einsum("bld,dhk->blhk", x, p["wk"]) + p.get("bk", 0.0)
+    v = jnp.einsum("bld,dhk->blhk", x, p["wv"]) + p.get("bv", 0.0)
     if rope_fn is not None:
       positions = jnp.arange(x.shape[1])
       q, k = rope_fn(q, positions), rope_fn(k, positions)

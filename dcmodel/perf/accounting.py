@@ -11,7 +11,9 @@ backward pass costs, per matmul, one more forward for each operand that depends 
 parameters (its gradient, dW or dX), so the first layer's input gradient is not counted.
 Attention counts the full T x T score matrix even when causal: XLA's dense attention computes
 it all and masks; a causal-aware kernel would do half. Rematerialization's recompute is not
-counted (model FLOPs, as in MFU; hardware FLOPs would add it).
+counted in the model FLOPs (as in MFU); it is counted apart, `flops_recompute`: the forward
+matmuls inside each remat block that its policy does not save (block: all of them; dots: the
+batched ones, attention's QK^T and AV), which the step time adds.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from flax import nnx
 from jax.extend import core as jcore
 
 from dcmodel.config import Config
-from dcmodel.mesh import build_mesh, rules_for
 from dcmodel.train import state as state_lib
 from dcmodel.train import tasks
 
@@ -105,6 +106,28 @@ def _walk(jaxpr, tainted: set, mult: int, found: list | None = None) -> tuple[in
   return fwd, bwd, mm_bytes
 
 
+def _recomputed(eqn, policy) -> bool:
+  """Whether a remat policy recomputes this matmul in the backward pass (a policy returns True
+  for what it saves; None saves nothing)."""
+  if policy is None:
+    return True
+  return not policy(eqn.primitive, *[v.aval for v in eqn.invars], **eqn.params)
+
+
+def _recompute_flops(jaxpr, mult: int, policy=None, inside: bool = False) -> float:
+  """Forward matmul FLOPs inside remat (`checkpoint`) blocks that their policy recomputes."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if inside and _matmul_flops(eqn) and _recomputed(eqn, policy):
+      total += _matmul_flops(eqn) * mult
+    is_remat = eqn.primitive.name in ("checkpoint", "remat", "remat2")
+    for sub in jcore.jaxprs_in_params(eqn.params):
+      inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+      times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+      total += _recompute_flops(inner, mult * times, eqn.params.get("policy") if is_remat else policy, inside or is_remat)
+  return total
+
+
 def _taint(jaxpr, tainted: set) -> set:
   tainted = set(tainted)
   for eqn in jaxpr.eqns:
@@ -125,6 +148,7 @@ class Accounting:
   matmul_bytes: int               # operand + result bytes of the matmuls, forward and backward
   examples_per_step: int
   tokens_per_step: int
+  flops_recompute: float = 0.0    # forward matmuls the backward pass recomputes (remat); not in flops_per_step
 
   @property
   def flops_per_step(self) -> float:
@@ -138,23 +162,20 @@ def loss_fn_and_args(cfg: Config):
   """(loss(params, batch), abstract params, abstract batch, abstract optimizer state) of `cfg`'s
   model on one global batch, laid out on one device (accounting is layout-free). Convolutions are
   XLA's: the model's own FLOPs, not the padding zeros the matmul form also multiplies."""
-  from dcmodel.inspect import abstract_batch
   if getattr(cfg.model, "conv", "xla") != "xla":
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conv="xla"))
-  one = dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1, stage=1)
-  mesh = build_mesh(one, jax.devices()[:1])
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(one, mesh)):
-    graphdef, target, _ = state_lib.abstract_state(cfg, mesh)
-  model, opt = nnx.merge(graphdef, target)
+  one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1, stage=1))
+  placed = state_lib.place(one, jax.devices()[:1])
+  model, opt = nnx.merge(placed.graphdef, placed.target)
   gdef, params, rest = nnx.split(model, nnx.Param, ...)
   strip = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
   task = tasks.get(cfg.model.task)
-  inputs = getattr(cfg.model, "inputs", ("x",))
+  inputs = cfg.model.batch_spec().inputs
 
   def loss(p, batch):
-    return task(nnx.merge(gdef, p, rest)(*[batch[k] for k in inputs]), batch)[0]
+    return task(nnx.merge(gdef, p, rest)(**{k: batch[k] for k in inputs}), batch)[0]
 
-  return loss, strip(params), strip(abstract_batch(cfg, None)), strip(nnx.state(opt))
+  return loss, strip(params), strip(state_lib.abstract_batch(cfg)), strip(nnx.state(opt))
 
 
 def nbytes(tree) -> int:
@@ -163,23 +184,47 @@ def nbytes(tree) -> int:
 
 def _walk_step(cfg: Config, found: list | None = None):
   """_walk over the jaxpr of `cfg`'s loss, the parameters tainted: (fwd, bwd, matmul bytes), and
-  the loss_fn_and_args it traced."""
+  the loss_fn_and_args it traced, and the jaxpr."""
   loss, params, batch, opt_state = loss_fn_and_args(cfg)
   closed = jax.make_jaxpr(loss)(params, batch)
-  return _walk(closed.jaxpr, set(closed.jaxpr.invars[:len(jax.tree.leaves(params))]), 1, found), (loss, params, batch, opt_state)
+  return (_walk(closed.jaxpr, set(closed.jaxpr.invars[:len(jax.tree.leaves(params))]), 1, found),
+          (loss, params, batch, opt_state), closed.jaxpr)
+
+
+def _saved_bytes(loss, params, batch) -> int:
+  """Bytes of what jax.grad keeps for the backward pass (remat-aware), inputs left out."""
+  from jax._src.ad_checkpoint import saved_residuals
+  return int(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a, why in saved_residuals(loss, params, batch)
+                 if "argument" not in str(why)))
+
+
+def transformer_saved_bytes(cfg: Config) -> int:
+  """What jax.grad keeps for `cfg`'s transformer, one global batch, from four traces of 2 or 3
+  layers on 1 or 2 sequences (a second each at any width). The saved bytes are c0 + cL L +
+  b (a0 + aL L): per layer and per sequence, plus what does not grow with the batch (weights
+  cast to the compute dtype); not 1 layer, whose input is the embedding's own output."""
+  def f(layers: int, batch: int) -> int:
+    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=layers),
+                            data=dataclasses.replace(cfg.data, global_batch_size=batch))
+    return _saved_bytes(*loss_fn_and_args(c)[:3])
+  f21, f31, f22, f32 = f(2, 1), f(3, 1), f(2, 2), f(3, 2)
+  a_layer = (f32 - f22) - (f31 - f21)
+  c_layer = (f31 - f21) - a_layer
+  a0 = (f22 - f21) - 2 * a_layer
+  c0 = f21 - 2 * c_layer - a0 - 2 * a_layer
+  layers, batch = cfg.model.num_layers, cfg.data.global_batch_size
+  return int(c0 + c_layer * layers + batch * (a0 + a_layer * layers))
 
 
 def account(cfg: Config) -> Accounting:
-  from jax._src.ad_checkpoint import saved_residuals   # what jax.grad keeps for the backward pass (remat-aware)
-  (fwd, bwd, mm_bytes), (loss, params, batch, opt_state) = _walk_step(cfg)
-  act = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a, why in saved_residuals(loss, params, batch)
-            if "argument" not in str(why))
+  (fwd, bwd, mm_bytes), (loss, params, batch, opt_state), jaxpr = _walk_step(cfg)
+  act = _saved_bytes(loss, params, batch)
   b = cfg.data.global_batch_size
   tokens = b * cfg.model.input_shape()[0] if cfg.model.task == "lm" else b
   return Accounting(params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
                     flops_forward=float(fwd), flops_backward=float(bwd), param_bytes=nbytes(params),
                     grad_bytes=nbytes(params), optimizer_bytes=nbytes(opt_state), activation_bytes=int(act), matmul_bytes=int(mm_bytes),
-                    examples_per_step=b, tokens_per_step=tokens)
+                    examples_per_step=b, tokens_per_step=tokens, flops_recompute=_recompute_flops(jaxpr, 1))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)   # hashed by identity: jax.jit(op) keys its cache on it
@@ -233,7 +278,7 @@ def transformer_params(cfg) -> int:
   d, f, n, k, h, v = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.vocab_size
   bias = cfg.use_bias
   norm = d * (2 if cfg.norm == "layernorm" and bias else 1)
-  attn = d * (n + 2 * k) * h + n * h * d + (d if bias else 0)
+  attn = d * (n + 2 * k) * h + n * h * d + (((n + 2 * k) * h + d) if bias else 0)   # Q/K/V and output biases
   mlp = (3 if cfg.mlp == "swiglu" else 2) * d * f + ((f + d) if bias else 0)
   total = cfg.num_layers * (attn + mlp + 2 * norm) + norm + v * d
   total += cfg.max_len * d if cfg.positions == "learned" else 0
@@ -255,6 +300,65 @@ def transformer_flops(cfg, batch: int) -> tuple[float, float]:
   head = 2 * tokens * d * cfg.vocab_size if cfg.name == "gpt" else 2 * batch * d * cfg.num_outputs
   fwd += head
   return float(fwd), float(2 * fwd)   # every matmul's operands depend on the parameters (the input is a gather)
+
+
+def transformer_recompute_flops(cfg, batch: int) -> float:
+  """Forward matmul FLOPs the backward pass recomputes under cfg.remat: block recomputes each
+  layer's forward (SB transformers.md:274, 6 -> 8 x params x tokens); dots saves the
+  projections and MLP (no batch dimensions) and recomputes attention's QK^T and AV."""
+  if cfg.remat == "none":
+    return 0.0
+  fwd, _ = transformer_flops(cfg, batch)
+  t = cfg.max_len
+  attention = cfg.num_layers * 2 * 2 * batch * t * t * cfg.num_heads * cfg.head_dim
+  if cfg.remat == "dots":
+    return float(attention)
+  head = 2 * batch * t * cfg.d_model * cfg.vocab_size if cfg.name == "gpt" else 2 * batch * cfg.d_model * cfg.num_outputs
+  return float(fwd - head)
+
+
+def transformer_activation_bytes(cfg, batch: int) -> int:
+  """Bytes jax.grad keeps for the backward pass, one global batch. Korthikanti et al. 2022
+  (arXiv:2205.05198, eqs. 1-2): s b h (34 + 5 a s / h) bytes per layer in 16-bit with dropout
+  masks; block remat keeps each layer's input (2 s b h); dots keeps the matmul outputs
+  (34 s b h). Scaled to the compute dtype; plus the float32 logits."""
+  e = 2 if cfg.dtype == "bfloat16" else 4
+  sbh = batch * cfg.max_len * cfg.d_model
+  per_layer = {"none": sbh * (34 + 5 * cfg.num_heads * cfg.max_len / cfg.d_model), "block": 2 * sbh,
+               "dots": 34 * sbh}[cfg.remat] * e / 2
+  logits = batch * cfg.max_len * (cfg.vocab_size if cfg.name == "gpt" else 0) * 4
+  return int(cfg.num_layers * per_layer + logits)
+
+
+def transformer_accounting(m, b: int) -> Accounting:
+  """`account(cfg)` for a `gpt`/`bert` model config `m` on a global batch of `b` sequences,
+  from the closed forms: microseconds instead of tracing (a 1T-parameter model traces in
+  ~40 s). Parameters and FLOPs equal the counted model (tests/test_perf.py holds them equal);
+  activations are the published estimate above."""
+  params = transformer_params(m)
+  fwd, bwd = transformer_flops(m, b)
+  e = 2 if m.dtype == "bfloat16" else 4
+  tokens = b * m.max_len
+  # matmul operand + result bytes, forward and backward (each backward matmul moves about its forward's bytes)
+  d, f, n, k, h, t = m.d_model, m.d_ff, m.num_heads, m.kv_heads, m.head_dim, m.max_len
+  w = (d * (n + 2 * k) * h + n * h * d + (3 if m.mlp == "swiglu" else 2) * d * f)
+  act = tokens * (d + (n + 2 * k) * h + n * h + d + d + (2 if m.mlp == "swiglu" else 1) * f + f + d)
+  attn = b * n * (4 * t * h + 2 * t * t)
+  mm = 3 * e * (m.num_layers * (w + act + attn) + d * m.vocab_size + tokens * (d + m.vocab_size))
+  return Accounting(params=params, flops_forward=fwd, flops_backward=bwd, param_bytes=4 * params, grad_bytes=4 * params,
+                    optimizer_bytes=8 * params, activation_bytes=transformer_activation_bytes(m, b), matmul_bytes=int(mm),
+                    examples_per_step=b, tokens_per_step=tokens if m.task == "lm" else b,
+                    flops_recompute=transformer_recompute_flops(m, b))
+
+
+def megatron_flops(cfg, batch: int) -> float:
+  """FLOPs per iteration as Megatron-LM counts them (Narayanan et al. 2021, arXiv:2104.04473,
+  eq. 3), with full activation recomputation: F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h)).
+  Its TFLOP/s per GPU are this over the step time: model FLOPs plus one recomputed forward
+  of the layers (not of the head), i.e. flops_per_step + flops_recompute for a GPT with
+  d_ff = 4h and remat=block."""
+  b, s, l, h, v = batch, cfg.max_len, cfg.num_layers, cfg.d_model, cfg.vocab_size
+  return 96.0 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
 
 
 # ---- Inference (SB inference.md:188-286)

@@ -45,6 +45,7 @@ class HostCalibration:
   collectives: dict                     # name -> {"alpha_s": ..., "bw": ...} on all devices (one ring)
   devices: int
   platform: str
+  matmul_half_dim: float = 0.0          # narrow output dimension at which a matmul runs at half the wide rate (0: flat)
 
   def save(self, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,25 @@ def matmul_peak(sizes=(512, 1024, 2048), dtype=jnp.float32) -> float:
     f = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x))
     best = max(best, 2 * jax.device_count() * n ** 3 / _median_time(f, a))
   return best
+
+
+SHAPE_DEPTH = 1024   # the wide dimensions of the shape-curve matmuls; the curve is 1 there (hardware.from_calibration)
+
+
+def matmul_half_dim(peak: float, widths=(16, 32, 64, 128, 256), depth: int = SHAPE_DEPTH) -> float:
+  """Fit the matmul efficiency curve n / (n + h) to matmuls (depth x depth) @ (depth x n) that
+  are narrow in one output dimension, relative to the wide rate `peak`: h = n (peak/rate - 1)
+  at each width, the median over widths."""
+  mesh = jax.make_mesh((jax.device_count(),), ("d",))
+  f = jax.jit(lambda a, b: jnp.einsum("bij,bjk->bik", a, b))
+  a = jax.device_put(jnp.ones((jax.device_count(), depth, depth), jnp.float32), NamedSharding(mesh, P("d")))
+  wide = 2 * jax.device_count() * depth ** 3 / _median_time(f, a, a)
+  estimates = []
+  for n in widths:
+    b = jax.device_put(jnp.ones((jax.device_count(), depth, n), jnp.float32), NamedSharding(mesh, P("d")))
+    rate = 2 * jax.device_count() * depth * depth * n / _median_time(f, a, b, repeats=9)
+    estimates.append(n * (wide / rate - 1))
+  return float(max(np.median(estimates), 0.0))
 
 
 def memory_bandwidth(mib: int = 256) -> float:
@@ -134,6 +154,7 @@ def collective_alpha_beta(sizes_bytes=(2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22, 2 ** 
 
 def calibrate(quick: bool = False) -> HostCalibration:
   sizes = (2 ** 12, 2 ** 18, 2 ** 22) if quick else (2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22, 2 ** 24)
-  return HostCalibration(matmul_flops=matmul_peak((512, 1024) if quick else (512, 1024, 2048)),
-                         mem_bw=memory_bandwidth(256), collectives=collective_alpha_beta(sizes),
-                         devices=jax.device_count(), platform=jax.devices()[0].platform)
+  peak = matmul_peak((512, 1024) if quick else (512, 1024, 2048))
+  return HostCalibration(matmul_flops=peak, mem_bw=memory_bandwidth(256), collectives=collective_alpha_beta(sizes),
+                         devices=jax.device_count(), platform=jax.devices()[0].platform,
+                         matmul_half_dim=matmul_half_dim(peak))

@@ -1,12 +1,16 @@
-"""The train state (model + optimizer as one NNX state tree), built abstractly, then sharded.
+"""The train state (model + optimizer as one NNX state tree) laid out on a mesh: the one place
+that builds mesh, rules, abstract state and shardings, used by train, predict, generate, serve,
+inspect, import-hf, the performance model, benchmarks and tests.
 
-Shapes and shardings are worked out with `nnx.eval_shape` before anything is allocated;
-the real state is then created by a jit whose out_shardings put every array where the
-logical-axis rules say, so no device ever holds a full copy it should not.
+Shapes and shardings are worked out with `nnx.eval_shape` before anything is allocated; the real
+state is then created (or restored) straight into the shardings the logical-axis rules give, so
+no device ever holds a full copy it should not.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 
 import jax
@@ -15,24 +19,79 @@ from flax import nnx
 from dcmodel import models
 from dcmodel.config import Config
 from dcmodel.errors import UserError
+from dcmodel.mesh import batch_sharding, build_mesh, rules_for
 from dcmodel.train import optimizer
+
+
+def make_optimizer(cfg: Config, model):
+  return nnx.Optimizer(model, optimizer.build(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
 
 
 def make_model_and_optimizer(cfg: Config):
   model = models.build(cfg.model, nnx.Rngs(cfg.train.seed))
-  return model, nnx.Optimizer(model, optimizer.build(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
+  return model, make_optimizer(cfg, model)
 
 
-def abstract_state(cfg: Config, mesh):
-  """(graphdef, abstract state of ShapeDtypeStructs with target shardings, shardings).
+@dataclasses.dataclass
+class Placed:
+  """A config's state on its mesh, not yet allocated: `target` holds ShapeDtypeStructs carrying
+  the shardings (what a restore reads into), `init()` creates the state there."""
+  cfg: Config
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  graphdef: object
+  target: object
+  shardings: object
+  model_graphdef: object = None
 
-  Call inside `jax.set_mesh(mesh)` and `nnx.logical_axis_rules(rules)`.
-  """
-  graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: make_model_and_optimizer(cfg)))
-  shardings = nnx.get_named_sharding(abs_state, mesh)
+  @property
+  def model_target(self):
+    """The model's part of `target` (what a model-only checkpoint holds, what import-hf fills)."""
+    return self.target[0]
+
+  def context(self) -> contextlib.ExitStack:
+    """The mesh and logical-axis rules every sharded computation of this state runs under."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nnx.logical_axis_rules(self.rules))
+    return stack
+
+  @property
+  def data_sharding(self):
+    """A batch's leading (example) axis over the batch axes of the mesh."""
+    return batch_sharding(self.mesh)
+
+  def init(self):
+    """A fresh state, created directly in its shardings."""
+    with self.context():
+      return jax.jit(lambda: nnx.split(make_model_and_optimizer(self.cfg))[1], out_shardings=self.shardings)()
+
+  def model(self, state):
+    return nnx.merge(self.graphdef, state)[0]
+
+  def fresh_optimizer(self, model_state):
+    """The train state from the model's state alone, with a new optimizer state (zero moments,
+    step 0): what training from imported weights starts from. The model's arrays are donated."""
+    def make(model_state):
+      model = nnx.merge(self.model_graphdef, model_state)
+      return nnx.split((model, make_optimizer(self.cfg, model)))[1]
+    with self.context():
+      return jax.jit(make, out_shardings=self.shardings, donate_argnums=0)(model_state)
+
+
+def place(cfg: Config, devices=None) -> Placed:
+  """Build `cfg`'s mesh (over `devices`, default all) and its abstract, sharded state. Every
+  check that needs only shapes (a dimension that does not split over its mesh axes) fails here,
+  before anything is allocated or compiled."""
+  mesh = build_mesh(cfg.mesh, devices)
+  rules = rules_for(cfg.mesh, mesh)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abs_model, abs_opt = nnx.eval_shape(lambda: make_model_and_optimizer(cfg))
+    graphdef, abs_state = nnx.split((abs_model, abs_opt))
+    shardings = nnx.get_named_sharding(abs_state, mesh)
   check_divisible(abs_state, shardings, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
-  return graphdef, target, shardings
+  return Placed(cfg, mesh, rules, graphdef, target, shardings, nnx.graphdef(abs_model))
 
 
 def check_divisible(abs_state, shardings, mesh) -> None:
@@ -50,9 +109,11 @@ def check_divisible(abs_state, shardings, mesh) -> None:
                         f"or map that logical axis to None in mesh.rules")
 
 
-def init_state(cfg: Config, shardings):
-  """Create the state directly in its shardings (inside the mesh and rules contexts)."""
-  return jax.jit(lambda: nnx.split(make_model_and_optimizer(cfg))[1], out_shardings=shardings)()
+def abstract_batch(cfg: Config, sharding=None) -> dict:
+  """ShapeDtypeStructs of one global training batch: the model's declared batch spec."""
+  b = cfg.data.global_batch_size
+  return {k: jax.ShapeDtypeStruct((b, *f.shape), jax.numpy.dtype(f.dtype), sharding=sharding)
+          for k, f in cfg.model.batch_spec().fields.items()}
 
 
 def params(graphdef, state):

@@ -18,7 +18,7 @@ def _grads(model, task_fn, batch, inputs, accum: int, key=None):
 
   def loss_fn(p, b, k):
     kw = {} if k is None else {"dropout_key": k}
-    loss, sums = task_fn(nnx.merge(graphdef, p, rest)(*[b[name] for name in inputs], **kw), b)
+    loss, sums = task_fn(nnx.merge(graphdef, p, rest)(**{name: b[name] for name in inputs}, **kw), b)
     return loss, {name: v for name, v in sums.items() if name not in PER_EXAMPLE}
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -112,7 +112,7 @@ def make_eval_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=("
   def eval_step(state, batch):
     model, _ = nnx.merge(graphdef, state)
     model.eval()
-    return task_fn(model(*[batch[k] for k in inputs]), batch)[1]
+    return task_fn(model(**{k: batch[k] for k in inputs}), batch)[1]
 
   rep = replicated(batch_sharding.mesh)
   return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=rep)

@@ -46,11 +46,14 @@ def binary(logits, batch):
 
 
 def lm(logits, batch):
-  """Next-token prediction: x holds the inputs, y the targets; losses are per token (nats)."""
+  """Next-token prediction over packed rows: losses per target token (nats), weighted by
+  `weights` (0 across a document boundary and on padding); `bytes` sums the UTF-8 bytes of the
+  weighted targets, so bits per byte = nats / ln 2 / bytes for any tokenizer."""
   per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"].astype(jnp.int32))
-  mask = jnp.broadcast_to(batch["mask"][:, None], per_token.shape)
+  weights = batch["weights"] * batch["mask"][:, None]
   correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
-  return _masked(per_token, correct, mask)
+  loss, sums = _masked(per_token, correct, weights)
+  return loss, {**sums, "bytes": jnp.sum(batch["target_bytes"] * weights), "rows": jnp.sum(batch["mask"])}
 
 
 PER_EXAMPLE = ("scores", "labels", "weights")   # eval outputs kept per example, not summed
@@ -68,11 +71,13 @@ def summarize(sums: dict, task: str | None = None) -> dict[str, float]:
   """Masked sums (host floats) -> the reported means (per example, or per token for lm)."""
   count = max(float(sums["count"]), 1.0)
   out = {"loss": float(sums["loss_sum"]) / count}
-  if task == "lm":  # byte-level vocabulary: nats per token -> bits per byte
-    out["bits_per_byte"] = out["loss"] / float(np.log(2))
   if "correct" in sums:
     out["accuracy"] = float(sums["correct"]) / count
-  out["examples"] = int(sums["count"])
+  if task == "lm":   # loss per target token; bits per byte of the text those targets are
+    out["bits_per_byte"] = float(sums["loss_sum"]) / float(np.log(2)) / max(float(sums["bytes"]), 1.0)
+    out["tokens"], out["bytes"], out["examples"] = int(sums["count"]), int(sums["bytes"]), int(sums["rows"])
+  else:
+    out["examples"] = int(sums["count"])
   return out
 
 

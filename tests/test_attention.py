@@ -1,0 +1,234 @@
+"""model.attention: the choice of kernel by platform, the TPU splash kernel's numerics in Pallas
+interpret mode against XLA (forward and gradients), sharded under a mesh, and the cuDNN path
+lowered for a CUDA target from this CPU-only host."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dcmodel.errors import UserError
+from dcmodel.models.attention import attend, choose
+
+B, H, K, D = 2, 4, 2, 32     # grouped-query heads: 2 query heads per kv head
+
+
+def inputs(length: int, kv_heads: int = K, dtype=jnp.float32, seed: int = 0):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(kq, (B, length, H, D), dtype), jax.random.normal(kk, (B, length, kv_heads, D), dtype),
+          jax.random.normal(kv, (B, length, kv_heads, D), dtype))
+
+
+def packed(length: int):
+  """Row 0: three documents (at length 384 two of them cross a 128-token block boundary), then
+  padding (id 0); row 1: one document filling the row."""
+  cuts = [0, round(0.26 * length), round(0.65 * length), length - length // 16, length]
+  row0 = np.concatenate([np.full(b - a, i + 1 if i < 3 else 0) for i, (a, b) in enumerate(itertools.pairwise(cuts))])
+  return jnp.asarray(np.stack([row0, np.ones(length)]), jnp.int32)
+
+
+def diff(got, want) -> tuple[float, float]:
+  """(max |got - want|, that / max |want|)."""
+  err = float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))))
+  return err, err / float(np.max(np.abs(np.asarray(want))))
+
+
+def exact(q, k, v, causal: bool, segment_ids) -> np.ndarray:
+  """Attention in float64 NumPy: the reference both float32 paths are measured against."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  k, v = (np.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
+  logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+  ok = np.ones(logits.shape[-2:], bool)
+  ok = np.tril(ok) if causal else ok
+  if segment_ids is not None:
+    s = np.asarray(segment_ids)
+    ok = ok & (s[:, None, :, None] == s[:, None, None, :])
+  logits = np.where(ok, logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
+
+
+def close(got, want, what: str):
+  # rtol 1e-5 elementwise, and an absolute floor of 1e-5 of the largest value: two float32
+  # attentions that sum in different orders differ by ~1e-6 of the scale on every element, so
+  # elements near zero (a document's first token, whose dq is exactly 0) have no relative bound.
+  # XLA itself is as far from a float64 reference as the kernel is (see the README).
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))),
+                             err_msg=what)
+
+
+# --- which implementation runs ---------------------------------------------------------------
+
+def pick(impl, backend, dtype=jnp.bfloat16, q_len=256, kv_len=None, head_dim=64, masked=True, cache=False):
+  return choose(impl, backend=backend, dtype=dtype, q_len=q_len, kv_len=q_len if kv_len is None else kv_len,
+                head_dim=head_dim, masked=masked, cache=cache)
+
+
+@pytest.mark.parametrize("args, want", [
+    (("auto", "cpu"), "xla"),
+    (("auto", "gpu"), "cudnn"),
+    (("auto", "cuda"), "cudnn"),
+    (("auto", "tpu"), "splash"),
+    (("auto", "rocm"), "xla"),
+    (("auto", "gpu", jnp.float32), "xla"),                              # cuDNN has no float32 kernel
+    (("auto", "gpu", jnp.bfloat16, 256, None, 12), "xla"),              # head_dim not a multiple of 8
+    (("auto", "gpu", jnp.bfloat16, 256, None, 192), "xla"),             # > 128 before Hopper
+    (("auto", "gpu", jnp.bfloat16, 255), "xla"),                        # odd length with a mask
+    (("auto", "gpu", jnp.bfloat16, 255, None, 64, False), "cudnn"),     # odd length, causal only
+    (("auto", "tpu", jnp.float32, 200), "xla"),                         # not a multiple of 128
+    (("auto", "tpu", jnp.float32, 1, 384, 64, True, True), "xla"),      # decoding against the cache
+    (("splash", "tpu", jnp.float32, 1, 384, 64, True, True), "xla"),    # even when asked for
+    (("cudnn", "gpu", jnp.bfloat16, 128, 384, 64, True, True), "cudnn"),  # prefill against the cache
+    (("cudnn", "gpu", jnp.bfloat16, 1, 384, 64, True, True), "xla"),    # one token: odd length
+    (("splash", "cpu", jnp.float32, 384), "splash"),                    # interpret mode off TPU
+    (("xla", "tpu"), "xla"),
+])
+def test_choice(args, want):
+  assert pick(*args) == want
+
+
+@pytest.mark.parametrize("args, says", [
+    (("splash", "tpu", jnp.float32, 200), "200 is not a multiple of the kernel's 128-token block"),
+    (("cudnn", "cpu"), "cuDNN runs on an NVIDIA GPU, not cpu"),
+    (("cudnn", "gpu", jnp.float32), "no float32 kernel; set model.dtype=bfloat16"),
+    (("cudnn", "gpu", jnp.bfloat16, 256, None, 12), "head dimension 12 is not a multiple of 8"),
+    (("flash", "tpu"), "model.attention='flash' is not one of auto, xla, cudnn, splash"),
+])
+def test_explicit_kernel_that_cannot_run_says_why(args, says):
+  with pytest.raises(UserError, match=says):
+    pick(*args)
+
+
+def test_config_field(exp):
+  from dcmodel.config import same_model, to_dict
+  assert exp("stdlib_gpt").model.attention == "auto"
+  for override, says in (("model.attention=flash", "model.attention='flash' is not one of auto, xla, cudnn, splash"),
+                         ("model.attention=cudnn", "cannot take this model: cuDNN's fused attention has no float32"),
+                         ("model.max_len=200 model.attention=splash", "200 is not a multiple of the kernel's 128")):
+    with pytest.raises(UserError, match=says):
+      exp("stdlib_gpt", *override.split())
+  # Compute only: a checkpoint written under one kernel resumes under another.
+  saved = to_dict(exp("stdlib_gpt", "model.attention=xla"))["model"]
+  assert same_model(exp("stdlib_gpt", "model.attention=splash"), saved)
+  assert same_model(exp("stdlib_gpt", "model.dtype=bfloat16", "model.attention=cudnn"), {**saved, "dtype": "bfloat16"})
+
+
+# --- splash numerics (Pallas interpret mode on CPU) against XLA -------------------------------
+
+LENGTH = 384    # three 128-token blocks: the kernel's causal block skipping and accumulation across blocks
+
+
+@pytest.mark.parametrize("causal, segments", [(True, False), (True, True), (False, True)],
+                         ids=["causal", "causal+segments", "segments"])
+def test_splash_equals_xla_forward_and_gradients(causal, segments):
+  q, k, v = inputs(LENGTH)
+  seg = packed(LENGTH) if segments else None
+  probe = jax.random.normal(jax.random.key(1), (B, LENGTH, H, D))   # a loss that weighs every output
+
+  def run(q, k, v, impl):
+    out, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, causal=causal, segment_ids=seg, impl=impl), q, k, v)
+    return out, pullback(probe)
+
+  (out, grads), (want, want_grads) = (jax.jit(run, static_argnums=3)(q, k, v, impl) for impl in ("splash", "xla"))
+  close(out, want, "forward")
+  for name, got, ref in zip("qkv", grads, want_grads):
+    close(got, ref, f"d{name}")
+  # The kernel is as accurate as XLA: both float32 results against float64.
+  truth = exact(q, k, v, causal, seg)
+  assert diff(out, truth)[0] < 2 * diff(want, truth)[0]
+  print(f"\n{'causal' if causal else 'full'}{'+segments' if segments else ''} (max abs, / max |xla|): "
+        f"forward {diff(out, want)}; " + "; ".join(f"d{n} {diff(g, r)}" for n, g, r in zip("qkv", grads, want_grads))
+        + f"; forward vs float64: splash {diff(out, truth)}, xla {diff(want, truth)}")
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_splash_sharded_over_batch_and_heads(kv_heads):
+  """Under an 8-device mesh (batch over data=4, heads over model=2), shard_mapped, equal to XLA,
+  with the kv heads' own rule unsplit: 2 kv heads are split as the query heads are; 1 kv head
+  (multi-query) does not split in 2, so each device gets it for each of its query heads."""
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = (("batch", "data"), ("act_heads", "model"), ("act_kv_heads", None))
+  q, k, v = inputs(128, kv_heads=kv_heads)
+  seg = packed(128)
+  q, k, v, seg = (jnp.concatenate([x] * 4) for x in (q, k, v, seg))   # 8 rows over data=4
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    q, k, v = (jax.device_put(x, NamedSharding(mesh, P("data", None, "model" if x is q else None))) for x in (q, k, v))
+    f = lambda impl: jax.jit(jax.value_and_grad(
+        lambda q, k, v: (attend(q, k, v, causal=True, segment_ids=seg, impl=impl) ** 2).sum(), argnums=(0, 1, 2)))
+    (loss, grads), (want_loss, want_grads) = f("splash")(q, k, v), f("xla")(q, k, v)
+    text = jax.jit(lambda q, k, v: attend(q, k, v, causal=True, segment_ids=seg, impl="splash")).lower(q, k, v).as_text()
+  assert "shard_map" in text or "sdy.manual_computation" in text
+  close(loss, want_loss, "loss")
+  for name, got, ref in zip("qkv", grads, want_grads):
+    close(got, ref, f"d{name}")
+  print(f"\nsharded, {kv_heads} kv heads (max abs, / max |xla|): loss {diff(loss, want_loss)}; "
+        + "; ".join(f"d{n} {diff(g, r)}" for n, g, r in zip("qkv", grads, want_grads)))
+
+
+def test_gpt_with_splash_on_a_mesh_equals_xla(exp):
+  """The model's own call site: GPT (grouped-query, packed rows) on data=4 x model=2, logits and
+  parameter gradients under model.attention=splash equal to xla."""
+  from dcmodel.train.state import place
+  base = ["model.d_model=64", "model.num_layers=1", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
+          "mesh.data=4", "mesh.model=2", "data.global_batch_size=8"]
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 256, (8, 128)), jnp.int32)
+  seg = jnp.asarray(np.sort(rng.integers(1, 4, (8, 128)), axis=1), jnp.int32)
+  results = {}
+  for impl in ("splash", "xla"):
+    placed = place(exp("stdlib_gpt", *base, f"model.attention={impl}"))
+    model = placed.model(placed.init())
+    with placed.context():
+      def loss(m):
+        logits = m(x, segment_ids=seg)
+        return (logits ** 2).mean(), logits
+      (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+      jaxpr = str(jax.make_jaxpr(lambda m: m(x, segment_ids=seg))(model))
+    assert ("pallas_call" in jaxpr) == (impl == "splash")
+    results[impl] = logits, jax.tree.leaves(grads)
+  (logits, grads), (want, want_grads) = results["splash"], results["xla"]
+  close(logits, want, "logits")
+  for got, ref in zip(grads, want_grads):
+    close(got, ref, "parameter gradient")
+  print(f"\nGPT (max abs, / max |xla|): logits {diff(logits, want)}; worst parameter gradient "
+        f"{max((diff(g, r) for g, r in zip(grads, want_grads)), key=lambda d: d[1])}")
+
+
+# --- lowering for accelerators from this CPU host ---------------------------------------------
+
+def lowered(f, *args, platform: str) -> str:
+  return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_auto_lowers_cudnn_for_cuda(monkeypatch):
+  """auto on a CUDA target emits cuDNN's fused attention (forward and backward custom calls).
+  jax asks the CUDA plugin for cuDNN's version while tracing; no plugin is installed here
+  ("RuntimeError: cuDNN is not detected."), so that one query is stubbed."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
+  q, k, v = inputs(256, dtype=jnp.bfloat16)
+  seg = packed(256)
+  attn = lambda q, k, v, seg=None: attend(q, k, v, causal=True, segment_ids=seg, impl="auto", backend="cuda")
+  grad = jax.grad(lambda q, k, v, seg=None: attn(q, k, v, seg).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  assert "__cudnn$fmhaSoftmax(" in lowered(attn, q, k, v, platform="cuda")                    # causal only
+  assert "__cudnn$fmhaScaleBiasSoftmax(" in lowered(attn, q, k, v, seg, platform="cuda")      # segments as a bias
+  text = lowered(grad, q, k, v, seg, platform="cuda")
+  assert "__cudnn$fmhaScaleBiasSoftmax(" in text and "__cudnn$fmhaScaleBiasSoftmaxBackward(" in text
+  # float32 falls back to XLA's attention on the same target.
+  q32, k32, v32 = inputs(256)
+  assert "__cudnn" not in lowered(attn, q32, k32, v32, seg, platform="cuda")
+
+
+def test_auto_lowers_splash_for_tpu():
+  """auto on a TPU target emits the Mosaic kernel (not interpret mode): forward, dq and dkv."""
+  q, k, v = inputs(256, dtype=jnp.bfloat16)
+  seg = packed(256)
+  attn = lambda q, k, v: attend(q, k, v, causal=True, segment_ids=seg, impl="auto", backend="tpu")
+  assert lowered(attn, q, k, v, platform="tpu").count("tpu_custom_call") == 1
+  grad = jax.grad(lambda q, k, v: attn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  assert lowered(grad, q, k, v, platform="tpu").count("tpu_custom_call") == 3
