@@ -52,18 +52,12 @@ def prompts(batch: int) -> np.ndarray:
 
 def run_dcmodel(repeats: int) -> dict:
   import jax
-  from flax import nnx
   from dcmodel.infer.generate import Generator, Sampling
-  from dcmodel.mesh import build_mesh, rules_for
   from dcmodel.perf import accounting
   from dcmodel.train import state as state_lib
   cfg = config()
-  mesh = build_mesh(cfg.mesh, jax.devices()[:1])
-  rules = rules_for(cfg.mesh, mesh)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, _, shardings = state_lib.abstract_state(cfg, mesh)
-    state = state_lib.init_state(cfg, shardings)
-  gen = Generator(graphdef, state, mesh, rules)
+  placed = state_lib.place(cfg, jax.devices()[:1])
+  gen = Generator(placed, placed.init())
   out = {"params": accounting.transformer_params(cfg.model)}
   for batch in BATCHES:
     texts = [bytes(row.tolist()) for row in prompts(batch)]

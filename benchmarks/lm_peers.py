@@ -17,14 +17,15 @@ Contenders, each in its own process (its own simulated devices and threads):
   read, so compilation and warm-up are excluded and the result is blocked on.
 - xla-1 / xla-8: the bare jitted step: dcmodel's own `make_train_step` called on batches already
   on the devices (no input pipeline, no metrics, no loop), so the loop's cost is visible.
-- recipe-1: the same bare step with the prototype of the recommended model change
-  (experiments_gpt_speed/dc_patched.py's "mlp" patch: the MLP's and the unembedding's matmuls
-  through nn_matmul), to show what the change buys; drop it once dcmodel has the change.
 - torch-eager, torch-compile (mode "default" and "max-autotune-no-cudagraphs"): the PyTorch GPT,
   all cores as intra-op threads, AdamW with the fastest of its CPU implementations (fused), the
   same clipping and schedule. Compilation time and recompilations are reported, not hidden.
 Every contender trains on the same token batches, read by dcmodel's own pipeline from the
-Python standard library text (the first batch's hash is checked in dcmodel's run).
+Python standard library text (the first batch's hash is checked in dcmodel's run). dcmodel's
+rows are packed documents: it masks attention and the loss at document boundaries (segment ids);
+the PyTorch peer attends causally across them (SDPA's is_causal fast path, its best case). The
+mask costs dcmodel nothing measurable here (the step with and without segment ids: 0.98x,
+experiments_gpt_speed/dc_patched.py "noseg").
 
 Each round runs every contender once, interleaved (the shared host's load drifts over all of
 them alike), after a calibration of the matmul peak in its own 1-device process
@@ -57,28 +58,28 @@ SHAPE = ["model.d_model=512", "model.num_layers=4", "model.num_heads=8", "model.
          "model.norm=rmsnorm", "model.use_bias=false", "model.dtype=float32", "data.global_batch_size=32"]
 VARIANTS = {"gpt": ["model.mlp=gelu", "model.d_ff=2048", "model.positions=learned", "model.tie_embeddings=true"],
             "llama": ["model.mlp=swiglu", "model.d_ff=1536", "model.positions=rope", "model.tie_embeddings=false"]}
-CONTENDERS = ["dcmodel-1", "dcmodel-8", "xla-1", "xla-8", "recipe-1", "torch-eager", "torch-compile", "torch-compile-max-autotune"]
+CONTENDERS = ["dcmodel-1", "dcmodel-8", "xla-1", "xla-8", "torch-eager", "torch-compile", "torch-compile-max-autotune"]
 WARMUP = 2   # untimed steps: compilation (XLA and Inductor) and the first run of every kernel
 
 
 def config(variant: str, devices: int, steps: int, extra=()):
   """The stdlib_gpt experiment at the benchmark shape, `steps` long, on `devices` (data parallel)."""
-  from dcmodel import config as config_lib
-  return config_lib.apply_overrides(config_lib.load_experiment(ROOT / "experiments" / "stdlib_gpt.py"), [
+  from dcmodel import experiment
+  return experiment.load(ROOT / "experiments" / "stdlib_gpt.py", [
       *SHAPE, *VARIANTS[variant], f"mesh.data={devices}", f"train.steps={steps}", f"train.log_every={WARMUP}",
       "train.eval_every=0", "train.final_eval=false", "train.progress=false", "checkpoint.enabled=false", *extra])
 
 
 def export_batches(variant: str, steps: int, path: Path) -> None:
-  """The token batches dcmodel's train loop will see for `steps` steps, from its own pipeline."""
-  from dcmodel.data import pipeline, preprocess, sources
+  """The batches dcmodel's train loop will see for `steps` steps, from its own pipeline (every
+  field of the gpt batch: tokens, targets, segment ids, positions, weights, target bytes, mask)."""
+  from dcmodel.data.dataset import Dataset
   cfg = config(variant, 1, steps)
-  source = sources.load(cfg.data)
-  prepared = preprocess.prepare(source)
-  it = pipeline.train_iterator(prepared.splits["train"], source.feature, prepared.normalizer, cfg.data.global_batch_size,
-                               cfg.data.shuffle_seed, cfg.data.read_threads, cfg.data.prefetch, prepared.transforms)
+  spec = cfg.model.batch_spec()
+  it = Dataset.load(cfg.data, spec).train_iterator(cfg.data.global_batch_size, cfg.data.shuffle_seed, cfg.data.read_threads,
+                                                   cfg.data.prefetch)
   batches = [next(it) for _ in range(steps)]
-  np.savez(path, x=np.stack([b["x"] for b in batches]).astype(np.int32), y=np.stack([b["y"] for b in batches]).astype(np.int32))
+  np.savez(path, **{k: np.stack([b[k] for b in batches]).astype(f.dtype) for k, f in spec.fields.items()})
 
 
 def _digest(a) -> str:
@@ -100,7 +101,7 @@ def run_dcmodel(variant: str, devices: int, data: Path, steps: int) -> dict:
       first["x"] = _digest(batch["x"])
 
   with tempfile.TemporaryDirectory() as work:
-    train(cfg, work, hooks=(hook,), devices=jax.devices()[:devices])
+    train(cfg, work, batch_hooks=(hook,), devices=jax.devices()[:devices])
     logs = [r for r in read(Path(work) / "metrics.jsonl") if r["split"] == "train"]
   timed = [r for r in logs if r["step"] > WARMUP]   # windows of the timed steps: their mean loss, weighted by tokens
   loss = sum(r["loss"] * r["examples"] for r in timed) / sum(r["examples"] for r in timed)
@@ -111,38 +112,25 @@ def run_dcmodel(variant: str, devices: int, data: Path, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------- the bare jitted step
-def run_xla(variant: str, devices: int, data: Path, steps: int, patch: dict | None = None) -> dict:
-  """dcmodel's own make_train_step, called on device-resident batches: no pipeline, no loop.
-  `patch`: {(class, method): replacement} in force while the step is traced (the warm-up)."""
+def run_xla(variant: str, devices: int, data: Path, steps: int) -> dict:
+  """dcmodel's own make_train_step, called on device-resident batches: no pipeline, no loop."""
   import jax
-  from flax import nnx
-  from dcmodel.mesh import batch_sharding, build_mesh, rules_for
   from dcmodel.train import state as state_lib
   from dcmodel.train import tasks
   from dcmodel.train.step import make_train_step
   cfg = config(variant, devices, steps)
-  mesh = build_mesh(cfg.mesh, jax.devices()[:devices])
-  rules = rules_for(cfg.mesh, mesh)
+  placed = state_lib.place(cfg, jax.devices()[:devices])
   a = np.load(data)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, _, shardings = state_lib.abstract_state(cfg, mesh)
-    state = state_lib.init_state(cfg, shardings)
-    sharding = batch_sharding(mesh)
-    step = make_train_step(graphdef, tasks.get(cfg.model.task), shardings, sharding)
-    batches = [jax.device_put({"x": a["x"][i], "y": a["y"][i], "mask": np.ones(len(a["x"][i]), np.float32)}, sharding)
-               for i in range(steps)]
+  with placed.context():
+    state = placed.init()
+    sharding = placed.data_sharding
+    step = make_train_step(placed.graphdef, tasks.get(cfg.model.task), placed.shardings, sharding, cfg.model.batch_spec().inputs)
+    batches = [jax.device_put({k: a[k][i] for k in a.files}, sharding) for i in range(steps)]
     jax.block_until_ready(batches)
     losses = []
-    originals = {key: getattr(*key) for key in patch or {}}
-    for (cls, name), fn in (patch or {}).items():
-      setattr(cls, name, fn)
-    try:
-      for i in range(WARMUP):
-        state, sums = step(state, batches[i])
-      jax.block_until_ready(state)
-    finally:
-      for (cls, name), fn in originals.items():
-        setattr(cls, name, fn)
+    for i in range(WARMUP):
+      state, sums = step(state, batches[i])
+    jax.block_until_ready(state)
     start = time.perf_counter()
     for i in range(WARMUP, steps):
       state, sums = step(state, batches[i])
@@ -204,9 +192,6 @@ def run_one(contender: str, variant: str, data: Path, steps: int) -> dict:
     return run_dcmodel(variant, int(contender.split("-")[1]), data, steps)
   if contender.startswith("xla"):
     return run_xla(variant, int(contender.split("-")[1]), data, steps)
-  if contender == "recipe-1":
-    from benchmarks.experiments_gpt_speed.dc_patched import PATCHES
-    return run_xla(variant, 1, data, steps, PATCHES["mlp"])
   if contender == "calibrate":
     from dcmodel.perf import calibrate
     return {"peak_flops": calibrate.matmul_peak()}
@@ -216,7 +201,7 @@ def run_one(contender: str, variant: str, data: Path, steps: int) -> dict:
 
 def child(contender: str, variant: str, data: Path, steps: int) -> dict:
   """One contender in its own process; the simulated device count is set before jax loads."""
-  devices = int(contender.split("-")[1]) if contender.split("-")[0] in ("dcmodel", "xla", "recipe") else 1
+  devices = int(contender.split("-")[1]) if contender.split("-")[0] in ("dcmodel", "xla") else 1
   env = {**os.environ, "PYTHONPATH": str(ROOT),
          "XLA_FLAGS": (re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
                        + f" --xla_force_host_platform_device_count={devices}").strip()}
@@ -335,7 +320,7 @@ def plot(result: dict, name: str) -> None:
     rates = [row["contenders"][c]["tokens_per_s"] for c in names]
     errs = [[row["contenders"][c]["tokens_per_s"] - row["tokens_per_step"] / max(row["contenders"][c]["step_s_runs"]) for c in names],
             [row["tokens_per_step"] / min(row["contenders"][c]["step_s_runs"]) - row["contenders"][c]["tokens_per_s"] for c in names]]
-    colors = ["tab:blue" if c.startswith(("dcmodel", "xla")) else "tab:green" if c.startswith("recipe") else "tab:orange" for c in names]
+    colors = ["tab:blue" if c.startswith(("dcmodel", "xla")) else "tab:orange" for c in names]
     bars = ax.bar(range(len(names)), rates, yerr=errs, color=colors, capsize=3)
     for b, c in zip(bars, names):
       ax.annotate(f"{row['contenders'][c]['mfu']:.0%}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",

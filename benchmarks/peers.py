@@ -59,13 +59,12 @@ TORCH_COMPILE_MODE = "max-autotune-no-cudagraphs"
 
 def export(model: str, path: Path) -> None:
   """The experiment's cleaned, normalized train/test arrays, as every framework will see them."""
-  from dcmodel import config as config_lib
-  from dcmodel.data import preprocess, sources
-  cfg = config_lib.load_experiment(ROOT / "experiments" / f"{MODELS[model][0]}.py")
-  prepared = preprocess.prepare(sources.load(cfg.data))
-  norm = prepared.normalizer
-  tr, te = prepared.splits["train"], prepared.splits["test"]
-  x = lambda cols: np.asarray(norm(cols["x"]) if norm is not None else cols["x"], np.float32).reshape(len(cols["y"]), -1)
+  from dcmodel import experiment
+  from dcmodel.data.dataset import Dataset
+  cfg = experiment.load(ROOT / "experiments" / f"{MODELS[model][0]}.py")
+  ds = Dataset.load(cfg.data, cfg.model.batch_spec())
+  tr, te = ds.rows("train"), ds.rows("test")     # cleaned and normalized (train statistics), as the model sees them
+  x = lambda cols: np.asarray(cols["x"], np.float32).reshape(len(cols["y"]), -1)
   np.savez(path, x_train=x(tr), y_train=np.asarray(tr["y"]), x_test=x(te), y_test=np.asarray(te["y"]))
 
 
@@ -73,7 +72,8 @@ def export(model: str, path: Path) -> None:
 def run_dcmodel(model: str, data: Path, epochs: int) -> dict:
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
   import jax
-  from dcmodel import config as config_lib
+  from dcmodel import experiment
+  from dcmodel.train import hooks
   from dcmodel.train.loop import train
   from dcmodel.train.metrics import read
   n = len(np.load(data)["y_train"])
@@ -81,15 +81,23 @@ def run_dcmodel(model: str, data: Path, epochs: int) -> dict:
   epoch = -(-n // BATCH)                                        # Keras's steps per epoch (last batch partial)
   first = -(-epoch // per_call) * per_call                      # untimed: compilation and warm-up, about one epoch
   steps = max(first + per_call, round(epoch * epochs / per_call) * per_call)   # the peers' step count, to a whole call
-  cfg = config_lib.apply_overrides(config_lib.load_experiment(ROOT / "experiments" / f"{MODELS[model][0]}.py"), [
+  cfg = experiment.load(ROOT / "experiments" / f"{MODELS[model][0]}.py", [
       f"data.global_batch_size={BATCH}", "data.eval_batch_size=128", f"train.steps={steps}", "train.eval_every=0",
       f"train.log_every={first}", f"train.steps_per_dispatch={per_call}", f"train.dispatch_unroll={unroll}", "train.progress=false",
       "checkpoint.enabled=false", "optimizer.name=adam", "optimizer.learning_rate=0.001", "optimizer.schedule=constant",
       "optimizer.weight_decay=0.0", "mesh.data=1", "mesh.model=1"])
   stamps = {}
-  hook = lambda step, _b: stamps.setdefault(step, time.time())
+
+  class Stamp(hooks.Hook):
+    """The wall clock after step `first`'s metrics read (the standard hooks run first), not a
+    per-step batch hook: those slice every stacked batch on the host, work the loop otherwise skips."""
+    schedule = hooks.Schedule(every_steps=first)
+
+    def __call__(self, run):
+      stamps.setdefault(run.step, time.time())
+
   with tempfile.TemporaryDirectory() as work:
-    result = train(cfg, work, hooks=(hook,), devices=jax.devices()[:1])
+    result = train(cfg, work, hooks=(Stamp(),), devices=jax.devices()[:1])
     logs = [r for r in read(Path(work) / "metrics.jsonl") if r["split"] == "train"]
   # Timed: from the first step after the first metrics read (a host-device sync) to the final
   # train metrics read (which waits for the last step); compilation and the final eval excluded.

@@ -1,5 +1,5 @@
 """The recipe applied to dcmodel's own model, measured against it in one process: dcmodel's
-make_train_step for the benchmark GPT as it is, and with the transformer's matmuls routed
+make_train_step for the benchmark GPT as it is, called without segment ids ("noseg"), and with the transformer's matmuls routed
 through nn_matmul (the MLP's, the attention projections' as 2-D matmuls over the flattened heads,
 and the unembedding), by replacing those three methods for the second trace only. Both steps are
 compiled first, then timed interleaved, paired per round (see bare_gpt). Two patches: "mlp" (the
@@ -27,10 +27,11 @@ from benchmarks.experiments_gpt_speed.dc_step import build, step_and_batch  # no
 from benchmarks.experiments_gpt_speed.nn_matmul import matmul  # noqa: E402
 from dcmodel.mesh import constrain  # noqa: E402
 from dcmodel.models import transformer as tf  # noqa: E402
+from dcmodel.models.attention import attend  # noqa: E402
 from dcmodel.models.layers import DTYPES  # noqa: E402
 
 
-def attention_call(self, x, causal, positions, dtype, cache=None):
+def attention_call(self, x, causal, positions, dtype, cache=None, segment_ids=None):
   """transformer.Attention.__call__ (training path) with the projections as 2-D matmuls."""
   assert cache is None
   cfg = self.cfg
@@ -40,7 +41,7 @@ def attention_call(self, x, causal, positions, dtype, cache=None):
   if cfg.positions == "rope":
     q, k = tf.rope(q, positions), tf.rope(k, positions)
   q = constrain(q, ("batch", "act_length", "act_heads", None))
-  out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  out = attend(q, k, v, causal=causal, segment_ids=segment_ids, impl=cfg.attention)
   out = constrain(out, ("batch", "act_length", "act_heads", None))
   y = matmul(out.reshape(b, l, d), self.wo[...].astype(dtype).reshape(d, d))
   return y + self.bo[...].astype(dtype) if self.bo is not None else y
@@ -68,12 +69,12 @@ PATCHES = {"mlp": {(tf.MLP, "__call__"): mlp_call, (tf.GPT, "_logits"): logits},
            "mlp+proj": {(tf.Attention, "__call__"): attention_call, (tf.MLP, "__call__"): mlp_call, (tf.GPT, "_logits"): logits}}
 
 
-def compiled(variant: str, patch: dict, sets=()):
+def compiled(variant: str, patch: dict, sets=(), inputs=None):
   originals = {key: getattr(*key) for key in PATCHES["mlp+proj"]}
   for (cls, name), fn in patch.items():
     setattr(cls, name, fn)
   try:
-    mesh, rules, step, state, batch = step_and_batch(build(variant, sets))
+    mesh, rules, step, state, batch = step_and_batch(build(variant, sets), inputs)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
       first_state, first = step(jax.tree.map(jnp.copy, state), batch)   # trace + compile now, patched or not
       jax.block_until_ready(first_state)
@@ -89,10 +90,12 @@ def main():
   p.add_argument("--rounds", type=int, default=6)
   p.add_argument("--set", action="append", default=[])
   args = p.parse_args()
-  runs = {"dcmodel": compiled(args.variant, {}, args.set), **{name: compiled(args.variant, PATCHES[name], args.set) for name in PATCHES}}
+  runs = {"dcmodel": compiled(args.variant, {}, args.set), **{name: compiled(args.variant, PATCHES[name], args.set) for name in PATCHES},
+          # the model called without segment ids and positions (one document per row, as the batch is)
+          "noseg": compiled(args.variant, {}, args.set, ("x",)), "mlp+noseg": compiled(args.variant, PATCHES["mlp"], args.set, ("x",))}
   s0, m0 = runs["dcmodel"][5]
   gaps = {}
-  for name in PATCHES:
+  for name in [n for n in runs if n != "dcmodel"]:
     s1, m1 = runs[name][5]
     gaps[name] = {"loss_rel": abs(float(m0["loss_sum"]) - float(m1["loss_sum"])) / abs(float(m0["loss_sum"])),
                   "max_param": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1))
@@ -108,7 +111,7 @@ def main():
         times[name].append(time.perf_counter() - t)
   out = {"variant": args.variant, "same_values": gaps, "min_step_s": {n: min(t) for n, t in times.items()},
          "tokens_per_s_best": {n: 4096 / min(t) for n, t in times.items()}}
-  for name in PATCHES:
+  for name in [n for n in runs if n != "dcmodel"]:
     ratios = [a / b for a, b in zip(times["dcmodel"], times[name])]
     out[f"speedup_{name}"] = {"paired_median": float(np.median(ratios)), "quartiles": [float(q) for q in np.percentile(ratios, [25, 75])]}
   print(json.dumps(out))

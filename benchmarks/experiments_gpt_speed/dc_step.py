@@ -16,8 +16,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dcmodel import config as config_lib  # noqa: E402
-from dcmodel.mesh import batch_sharding, build_mesh, rules_for  # noqa: E402
+from dcmodel import experiment  # noqa: E402
 from dcmodel.perf import accounting  # noqa: E402
 from dcmodel.train import state as state_lib  # noqa: E402
 from dcmodel.train import tasks  # noqa: E402
@@ -31,22 +30,29 @@ VARIANTS = {"gpt": ["model.mlp=gelu", "model.positions=learned"],
 
 
 def build(variant: str, extra=()):
-  return config_lib.apply_overrides(config_lib.load_experiment(os.path.join(ROOT, "experiments", "stdlib_gpt.py")),
-                                    SHAPE + VARIANTS[variant] + list(extra))
+  return experiment.load(os.path.join(ROOT, "experiments", "stdlib_gpt.py"), SHAPE + VARIANTS[variant] + list(extra))
 
 
-def step_and_batch(cfg):
-  mesh = build_mesh(cfg.mesh, jax.devices()[:1])
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for(cfg.mesh, mesh)):
-    graphdef, _, shardings = state_lib.abstract_state(cfg, mesh)
-    state = state_lib.init_state(cfg, shardings)
-    data = batch_sharding(mesh)
-    step = make_train_step(graphdef, tasks.get(cfg.model.task), shardings, data)
+def random_batch(cfg, rng=None) -> dict:
+  """A gpt batch of random tokens, one document per row (segment ids all 1, positions 0..T-1)."""
   b, t = cfg.data.global_batch_size, cfg.model.max_len
-  rng = np.random.default_rng(0)
-  batch = jax.device_put({"x": rng.integers(0, 256, (b, t)).astype(np.int32), "y": rng.integers(0, 256, (b, t)).astype(np.int32),
-                          "mask": np.ones((b,), np.float32)}, data)
-  return mesh, rules_for(cfg.mesh, mesh), step, state, batch
+  rng = rng or np.random.default_rng(0)
+  return {"x": rng.integers(0, 256, (b, t)).astype(np.int32), "y": rng.integers(0, 256, (b, t)).astype(np.int32),
+          "segment_ids": np.ones((b, t), np.int32), "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+          "weights": np.ones((b, t), np.float32), "target_bytes": np.ones((b, t), np.float32), "mask": np.ones((b,), np.float32)}
+
+
+def step_and_batch(cfg, inputs=None):
+  """dcmodel's jitted train step on one device and a device-resident batch. `inputs`: the model
+  inputs the step passes (default the batch spec's: x, segment_ids, positions)."""
+  placed = state_lib.place(cfg, jax.devices()[:1])
+  with placed.context():
+    state = placed.init()
+    data = placed.data_sharding
+    step = make_train_step(placed.graphdef, tasks.get(cfg.model.task), placed.shardings, data,
+                           inputs or cfg.model.batch_spec().inputs)
+  batch = jax.device_put(random_batch(cfg), data)
+  return placed.mesh, placed.rules, step, state, batch
 
 
 def main():
