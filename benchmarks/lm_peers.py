@@ -296,7 +296,7 @@ def report(result: dict) -> None:
   print(f"\nmatmul peak {result['peak_flops'] / 1e9:.0f} GFLOP/s (median of {len(result['peak_flops_runs'])} calibrations); "
         f"{result['steps_timed']} timed steps per run, median of {result['rounds']} interleaved rounds")
   for row in result["rows"]:
-    print(f"{row['variant']}: params dcmodel {row['params_dcmodel']:,} / torch {row['params_torch']:,}"
+    print(f"{row['variant']}: params dcmodel {row['params_dcmodel'] or 0:,} / torch {row['params_torch'] or 0:,}"
           f"{'' if row['params_dcmodel'] == row['params_torch'] else '  (DIFFERENT)'}; {row['flops_per_step'] / 1e9:.1f} GFLOP/step; "
           f"same batches: {row['same_batches']}")
     for c, r in row["contenders"].items():
