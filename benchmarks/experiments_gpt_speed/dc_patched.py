@@ -2,8 +2,6 @@
 first, then timed interleaved, paired per round; loss and updated parameters checked equal):
 - plain: the dense layers and unembedding as plain `x @ w` (XLA's own backward), i.e. without
   layers.matmul: its dW dots contract the token dim of the lhs, which XLA:CPU runs on Eigen;
-- dw_only: layers.matmul's first form (experiments_gpt_speed/nn_matmul.py): NN dW, the dX dot
-  left in XLA's NT form;
 - proj: also the attention projections through layers.matmul, as 2-D matmuls over flat heads;
 - noseg: the model called without segment ids and positions (no packing mask).
 speedup_X = dcmodel's step time / X's (so plain < 1 is what layers.matmul buys).
@@ -27,7 +25,6 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.experiments_gpt_speed.dc_step import build, step_and_batch  # noqa: E402
 from dcmodel.mesh import constrain  # noqa: E402
-from benchmarks.experiments_gpt_speed import nn_matmul  # noqa: E402
 from dcmodel.models import transformer as tf  # noqa: E402
 from dcmodel.models.attention import attend  # noqa: E402
 from dcmodel.models.layers import matmul  # noqa: E402
@@ -55,7 +52,6 @@ def plain_matmul(x, w):
 
 
 PATCHES = {"plain": {(tf, "matmul"): plain_matmul},
-           "dw_only": {(tf, "matmul"): nn_matmul.matmul},     # the prototype: NN dW, dX left NT
            "proj": {(tf.Attention, "__call__"): attention_call}}
 
 
@@ -79,7 +75,7 @@ def main():
   p.add_argument("--variant", default="gpt")
   p.add_argument("--rounds", type=int, default=6)
   p.add_argument("--set", action="append", default=[])
-  p.add_argument("--runs", default="plain,dw_only,proj,noseg", help="which variants to time beside dcmodel")
+  p.add_argument("--runs", default="plain,proj,noseg", help="which variants to time beside dcmodel")
   args = p.parse_args()
   wanted = args.runs.split(",")
   runs = {"dcmodel": compiled(args.variant, {}, args.set),
