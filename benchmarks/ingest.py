@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     tmp = Path(tmp)
     corpus = make_corpus(tmp / "corpus.jsonl", mb)
     print(f"corpus: {corpus['bytes'] / 2**20:.0f} MiB, {corpus['documents']} documents ({corpus['copies']} copies of the stdlib)")
-    one = make_corpus(tmp / "one.jsonl", 1)    # one copy: the tokenizer's training documents
+    make_corpus(tmp / "one.jsonl", 1)    # one copy: the tokenizer's training documents
     data = ["--set", f"data.path={tmp / 'corpus.jsonl'}", "--set", "data.test_fraction=0.02", "--set", "train.progress=false"]
     t = time.perf_counter()
     subprocess.run([PY, "-m", "dcmodel.cli", "tokenizer", "train", "experiments/corpus_gpt.py", "--set",

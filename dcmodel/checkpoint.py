@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from dcmodel.config import CheckpointConfig
 from dcmodel.errors import UserError
@@ -112,7 +113,6 @@ def _flat_prints(prints) -> tuple[dict[str, int], bool]:
 def _sync(name: str) -> None:
   """Every process meets here (nothing to do with one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
@@ -120,7 +120,6 @@ def _everywhere(ok: bool) -> bool:
   """True when `ok` holds on every process."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("experiment", help="experiment file, e.g. experiments/digits_cnn.py")
   t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
   t.add_argument("--workdir", default=None, help="run directory (default runs/<experiment name>)")
+  t.add_argument("--profile-steps", default=None, metavar="A:B",
+                 help="trace the steps after step A up to step B with jax.profiler into WORKDIR/profile/ (train.profile_steps)")
 
   g = sub.add_parser("ingest", help="store an experiment's data source as ArrayRecord shards + manifest")
   g.add_argument("experiment")
@@ -89,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
   be = sub.add_parser("bench", help="run the benchmark suite (from a source checkout): predicted vs measured")
   be.add_argument("--quick", action="store_true", help="the CI-sized suite (< 3 minutes)")
   be.add_argument("--only", action="append", default=[], help="run only this benchmark (repeatable)")
+  be.add_argument("--trace", default=None, metavar="WORKDIR",
+                  help="instead: the top ops of WORKDIR's newest profiler trace (train --profile-steps) beside their roofline predictions")
+  be.add_argument("--top", type=int, default=12, help="with --trace: how many ops")
+  be.add_argument("--json", action="store_true", help="with --trace: the report as JSON")
 
   pr = sub.add_parser("predict", help="batch inference over a split into a results store (resumes if interrupted)")
   pr.add_argument("experiment")
@@ -155,9 +161,16 @@ def _load_config(args):
 
 def cmd_train(args) -> int:
   from dcmodel.train.loop import train
+  if args.profile_steps is not None:
+    args.set = [*args.set, f"train.profile_steps={args.profile_steps}"]
   cfg = _load_config(args)
   workdir = args.workdir or os.path.join("runs", cfg.name)
   result = train(cfg, workdir)
+  if result.stop_signal:
+    import jax
+    if jax.process_index() == 0:
+      print(stopped_message(cfg, workdir, result), file=sys.stderr, flush=True)
+    return 128 + result.stop_signal
   m = result.final_eval
   acc = "".join(f" {k} {m[k]:.4f}" for k in ("accuracy", "auc", "bits_per_byte") if k in m)
   test = f"test loss {m['loss']:.4f}{acc} on {m['examples']} examples" if m else "no final evaluation"
@@ -167,9 +180,24 @@ def cmd_train(args) -> int:
   return 0
 
 
+def stopped_message(cfg, workdir, result) -> str:
+  """The one line a run stopped by SIGTERM/SIGINT prints, the same every time."""
+  import signal
+  step, name = result.start_step + result.steps_run, signal.Signals(result.stop_signal).name
+  what = (f"stopped at step {step} of {cfg.train.steps}" if result.stopped else
+          f"received after the last step; the run finished at step {step}")
+  if result.saved_step == step:
+    saved = f"checkpoint {step} saved in {os.path.join(workdir, 'checkpoints')}"
+  elif not cfg.checkpoint.enabled:
+    saved = "nothing saved (checkpoint.enabled=false)"
+  else:
+    saved = f"no new step to save (newest checkpoint: {result.start_step or 'none'})"
+  return f"dcmodel: {name}: {what}; {saved}" + ("; run the same command to resume" if result.stopped else "")
+
+
 def cmd_tokenizer(args) -> int:
   from pathlib import Path
-  from dcmodel.data import documents, sources, tokenizers
+  from dcmodel.data import documents, registry, sources, tokenizers  # noqa: F401  (sources: registers them)
   from dcmodel.data.registry import Corpus
   from dcmodel.errors import UserError
   cfg = _load_config(args)
@@ -259,10 +287,28 @@ def cmd_plan(args) -> int:
   return 0
 
 
+def cmd_trace(args) -> int:
+  import json
+  import jax
+  from dcmodel import resources
+  from dcmodel.perf import peak, trace
+  resources.check_count("--top", args.top, 1, 1000)
+  found = trace.find(args.trace)
+  info = json.loads((found / trace.INFO_FILE).read_text()) if (found / trace.INFO_FILE).exists() else {}
+  devices = jax.local_devices()[:max(info.get("devices", jax.local_device_count()), 1)]
+  p = peak.for_devices(devices)
+  report = trace.top_ops(found, p.flops_per_device, p.bandwidth_per_device, args.top)
+  report["peak"] = p.source
+  print(json.dumps(report, indent=2) if args.json else trace.render(report) + f"\n(peak and bandwidth: {p.source})")
+  return 0
+
+
 def cmd_bench(args) -> int:
   import subprocess
   from pathlib import Path
   from dcmodel.errors import UserError
+  if args.trace is not None:
+    return cmd_trace(args)
   root = Path(__file__).resolve().parents[1]
   if not (root / "benchmarks" / "__main__.py").exists():
     raise UserError(f"dcmodel bench runs from a source checkout; {root / 'benchmarks'} not found")
@@ -352,11 +398,17 @@ def cmd_query(args) -> int:
 def cmd_launch(args) -> int:
   from dcmodel.errors import UserError
   from dcmodel.launch import launch
-  if args.processes < 1:
-    raise UserError(f"--processes must be >= 1, got {args.processes}")
+  from dcmodel import resources
+  resources.check_count("--processes", args.processes, 1, resources.MAX_HOST_DEVICES, "processes on this machine")
+  if args.devices_per_process is not None:
+    resources.check_count("--devices-per-process", args.devices_per_process, 1, resources.MAX_HOST_DEVICES)
   per = args.devices_per_process or args.host_devices // args.processes
   if per < 1:
     raise UserError(f"--host-devices {args.host_devices} cannot be shared by {args.processes} processes")
+  resources.check_count("--processes x devices per process", args.processes * per, 1, resources.MAX_HOST_DEVICES,
+                        "simulated CPU devices on this machine")
+  resources.check_host_memory(args.processes * resources.PROCESS_BYTES, f"--processes {args.processes}",
+                              "start fewer processes")
   return launch(args.processes, per, ["train", args.experiment, *args.rest])
 
 
@@ -366,20 +418,38 @@ COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "import-hf": cmd_imp
 
 
 def main(argv=None) -> int:
+  import contextlib
   args = _parser().parse_args(argv)
   from dcmodel.errors import UserError
   try:
-    if args.command not in ("launch", "bench"):
-      _set_host_devices(args.host_devices)
-      from dcmodel.launch import initialize
-      initialize()
-    return COMMANDS[args.command](args)
+    with contextlib.ExitStack() as stack:
+      from dcmodel.resources import MAX_HOST_DEVICES, check_count
+      check_count("--host-devices", args.host_devices, 1, MAX_HOST_DEVICES,
+                  "simulated CPU devices; each costs start-up time and memory")
+      if args.command not in ("launch", "bench") or (args.command == "bench" and args.trace):
+        _set_host_devices(args.host_devices)
+      if args.command == "train":
+        # From here a SIGTERM/SIGINT is recorded and the run stops cleanly (train/preemption.py),
+        # never a KeyboardInterrupt raised wherever Python happens to be.
+        from dcmodel.train import preemption
+        stack.enter_context(preemption.Signals())
+      if args.command not in ("launch", "bench"):
+        from dcmodel.launch import initialize
+        initialize()
+      return COMMANDS[args.command](args)
   except UserError as e:
     if args.debug:
       raise
     print(f"dcmodel: error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
+  except Exception as e:
+    from dcmodel.experiment import describe_user_error
+    line = describe_user_error(e)
+    if line is None or args.debug:
+      raise
+    print(f"dcmodel: error: {line}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:     # commands other than train (which records signals instead)
     print("dcmodel: interrupted", file=sys.stderr)
     return 130
 

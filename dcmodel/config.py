@@ -97,12 +97,14 @@ class TrainConfig:
   dispatch_unroll: int = 1       # of those, steps unrolled per loop iteration: XLA:CPU runs its own convolutions (model.conv=xla) ~8x slower inside a loop
   progress: bool = True
   max_seconds: float = 0.0       # a wall-clock budget: stop (checkpoint, final evaluation) once spent; 0: none
+  profile_steps: str = ""        # "A:B": a jax.profiler trace of steps A+1..B (the B-A steps after step A) into WORKDIR/profile/
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   enabled: bool = True
-  every_steps: int = 200
+  every_steps: int = 200         # 0: not by steps (then every_seconds)
+  every_seconds: float = 0.0     # also a checkpoint when this long has passed since the last (0: not by time)
   max_to_keep: int = 2
   async_save: bool = True
 
@@ -227,6 +229,27 @@ def override(cfg, key: str, text: str, _full: str | None = None, _root=None):
   return dataclasses.replace(cfg, **{head: value})
 
 
+def check_types(cfg: Config) -> None:
+  """Every field of a config built in Python holds a value of its declared type: an experiment
+  file's get_config() is held to what a --set would be."""
+  if not isinstance(cfg, Config):
+    raise UserError(f"expected dcmodel.config.Config, got {type(cfg).__name__}")
+  hints = typing.get_type_hints(Config)
+  for f in dataclasses.fields(Config):
+    value = getattr(cfg, f.name)
+    if f.name == "name":
+      coerce("name", value, str)
+      continue
+    if f.name == "model":
+      if not (dataclasses.is_dataclass(value) and hasattr(value, "batch_spec") and hasattr(value, "make")):
+        raise UserError(f"model must be a model config (dcmodel.models.get_config(NAME, ...)), got {type(value).__name__}")
+    elif not isinstance(value, hints[f.name]):
+      raise UserError(f"{f.name} must be a {hints[f.name].__name__}, got {type(value).__name__}")
+    section = typing.get_type_hints(type(value))
+    for field in dataclasses.fields(value):
+      coerce(f"{f.name}.{field.name}", getattr(value, field.name), section[field.name])
+
+
 def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
   for item in assignments:
     key, sep, text = item.partition("=")
@@ -239,6 +262,25 @@ def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
 
 # ---------------------------------------------------------------------------- validation
 
+MAX_READ_THREADS = 64     # Grain read threads (each a thread of this process)
+MAX_PREFETCH = 1024       # batches Grain reads ahead (each a batch of host memory; checked against it too)
+
+
+def profile_steps(train: TrainConfig) -> tuple[int, int] | None:
+  """train.profile_steps "A:B" as (A, B): trace the steps after step A up to step B."""
+  text = train.profile_steps.strip()
+  if not text:
+    return None
+  first, sep, last = text.partition(":")
+  try:
+    a, b = int(first), int(last)
+  except ValueError:
+    a = b = -1
+  if not sep or not 0 <= a < b <= train.steps:
+    raise UserError(f"train.profile_steps (--profile-steps) must be A:B with 0 <= A < B <= train.steps={train.steps} "
+                    f"(the steps after step A up to step B), got '{train.profile_steps}'")
+  return a, b
+
 def validate(cfg: Config) -> None:
   """Checks that need no devices; mesh/device checks live in dcmodel.mesh."""
   positive = {
@@ -246,7 +288,6 @@ def validate(cfg: Config) -> None:
       "data.eval_batch_size": cfg.data.eval_batch_size,
       "train.steps": cfg.train.steps,
       "train.log_every": cfg.train.log_every,
-      "checkpoint.every_steps": cfg.checkpoint.every_steps,
       "checkpoint.max_to_keep": cfg.checkpoint.max_to_keep,
       "train.grad_accum_steps": cfg.train.grad_accum_steps,
       "train.steps_per_dispatch": cfg.train.steps_per_dispatch,
@@ -259,9 +300,17 @@ def validate(cfg: Config) -> None:
     raise UserError(f"data.on_bad_record must be 'error' or 'skip', got '{cfg.data.on_bad_record}'")
   if cfg.data.min_doc_bytes < 0 or cfg.data.max_doc_bytes < 0:
     raise UserError("data.min_doc_bytes and data.max_doc_bytes must be 0 or more")
-  for key, value in {"data.read_threads": cfg.data.read_threads, "data.prefetch": cfg.data.prefetch}.items():
-    if value < 0:   # 0 read threads: Grain reads in the consuming thread
-      raise UserError(f"{key} must be 0 or more, got {value}")
+  if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.every_seconds < 0:
+    raise UserError(f"checkpoint.every_steps and checkpoint.every_seconds must be 0 or more, got "
+                    f"{cfg.checkpoint.every_steps} and {cfg.checkpoint.every_seconds}")
+  if cfg.checkpoint.enabled and not (cfg.checkpoint.every_steps or cfg.checkpoint.every_seconds):
+    raise UserError("checkpoint.every_steps and checkpoint.every_seconds are both 0: set one (or checkpoint.enabled=false)")
+  # Threads and buffered batches are work the machine must hold: bounded by what is sensible on any host.
+  for key, value, high in (("data.read_threads", cfg.data.read_threads, MAX_READ_THREADS),
+                           ("data.prefetch", cfg.data.prefetch, MAX_PREFETCH)):
+    if not 0 <= value <= high:   # 0 read threads: Grain reads in the consuming thread
+      raise UserError(f"{key} must be between 0 and {high}, got {value}")
+  profile_steps(cfg.train)
   k = cfg.train.steps_per_dispatch
   for key, value in {"train.steps": cfg.train.steps, "train.log_every": cfg.train.log_every,
                      "train.eval_every": cfg.train.eval_every,

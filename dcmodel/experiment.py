@@ -16,6 +16,10 @@ from dcmodel import models
 from dcmodel.config import Config
 from dcmodel.errors import UserError
 
+# The experiment files this process has loaded: an exception raised from their code (a model
+# they define, a source they register) is the user's, reported as one line naming the line.
+USER_FILES: set[str] = set()
+
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
   path = Path(path)
@@ -27,27 +31,64 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
 
 def from_python(path: Path) -> Config:
   """Import an experiment file and call its `get_config()`."""
-  spec = importlib.util.spec_from_file_location(f"_dcmodel_experiment_{path.stem}", path)
+  spec = importlib.util.spec_from_file_location(f"_dcmodel_experiment_{path.stem}", path.resolve())
   module = importlib.util.module_from_spec(spec)
+  USER_FILES.add(str(path.resolve()))
   try:
     spec.loader.exec_module(module)
   except SyntaxError as e:
     raise UserError(f"experiment file {path} is not valid Python: line {e.lineno}: {e.msg}") from e
   except UserError:
     raise
+  except SystemExit as e:     # sys.exit() in a file we import is not the command's exit
+    raise UserError(f"experiment file {path} called sys.exit({e.code!r}) while being imported") from e
   except Exception as e:
-    raise UserError(f"experiment file {path} failed to import: {type(e).__name__}: {e}") from e
+    raise UserError(f"experiment file {path} failed to import: {type(e).__name__}: {_first_line(e)}") from e
   if not hasattr(module, "get_config"):
     raise UserError(f"experiment file {path} has no get_config() function returning a dcmodel Config")
   try:
     cfg = module.get_config()
   except UserError:
     raise
+  except SystemExit as e:
+    raise UserError(f"experiment file {path}: get_config() called sys.exit({e.code!r})") from e
   except Exception as e:
-    raise UserError(f"experiment file {path}: get_config() raised {type(e).__name__}: {e}") from e
+    raise UserError(f"experiment file {path}: get_config() raised {type(e).__name__}: {_first_line(e)}") from e
   if not isinstance(cfg, Config):
     raise UserError(f"{path}: get_config() returned {type(cfg).__name__}, expected dcmodel.config.Config")
+  try:
+    config_lib.check_types(cfg)
+  except UserError as e:
+    raise UserError(f"{path}: get_config() returned a config whose {e}") from None
   return cfg
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else ""
+
+
+def raised_in_user_file(e: BaseException) -> str | None:
+  """'experiment file F, line N' when `e` (or an exception it was raised from, e.g. in a data
+  loader's thread) came from the code of a loaded experiment file (the innermost such frame)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    where, tb = None, e.__traceback__
+    while tb is not None:
+      if tb.tb_frame.f_code.co_filename in USER_FILES:
+        where = f"experiment file {tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno}"
+      tb = tb.tb_next
+    if where:
+      return where
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def describe_user_error(e: BaseException) -> str | None:
+  """The one line for an exception from a user's experiment code, or None if it is not one."""
+  where = raised_in_user_file(e)
+  return None if where is None else f"{where}: {type(e).__name__}: {_first_line(e)}"
 
 
 def _section(cls, values: dict, where: str):

@@ -43,6 +43,9 @@ def initialize() -> str | None:
   return how
 
 
+STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)   # a child that stopped on a signal, with a checkpoint
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -50,30 +53,47 @@ def _free_port() -> int:
 
 
 def launch(processes: int, devices_per_process: int, argv: list[str]) -> int:
-  """Run `dcmodel <argv>` as `processes` cooperating processes; the first failure stops all."""
+  """Run `dcmodel <argv>` as `processes` cooperating processes; the first failure stops all.
+
+  SIGTERM and SIGINT sent to the launcher are passed to every child (each stops at the same step
+  with a checkpoint, train/preemption.py), and the launcher exits with their status. A child that
+  gets the signal directly as well (Ctrl-C reaches the whole terminal process group) takes it once."""
   port = _free_port()
   children = []
-  for i in range(processes):
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    env = dict(os.environ, **{ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(processes),
-                              ENV_PROCESS_ID: str(i), "XLA_FLAGS": flags.strip()})
-    cmd = [sys.executable, "-m", "dcmodel.cli", "--host-devices", str(devices_per_process), *argv]
-    children.append(subprocess.Popen(cmd, env=env, stdout=None if i == 0 else subprocess.DEVNULL))
-  code = 0
+  received: list[int] = []
+
+  def forward(signum, frame):
+    received.append(signum)
+    for child in children:
+      if child.poll() is None:
+        child.send_signal(signum)
+
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    while children:
-      for child in list(children):
+    for i in range(processes):
+      flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+      env = dict(os.environ, **{ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(processes),
+                                ENV_PROCESS_ID: str(i), "XLA_FLAGS": flags.strip()})
+      cmd = [sys.executable, "-m", "dcmodel.cli", "--host-devices", str(devices_per_process), *argv]
+      children.append(subprocess.Popen(cmd, env=env, stdout=None if i == 0 else subprocess.DEVNULL))
+      if received:                  # a signal while starting them: the new child gets it too
+        children[-1].send_signal(received[0])
+    code = 0
+    running = list(children)
+    while running:
+      for child in list(running):
         rc = child.poll()
         if rc is None:
           continue
-        children.remove(child)
+        running.remove(child)
+        rc = 128 - rc if rc < 0 else rc     # killed by signal N (after its handlers were gone): the shell's 128 + N
         if rc != 0 and code == 0:
           code = rc
-          for other in children:
-            other.send_signal(signal.SIGTERM)
+          if rc not in STOPPED:     # a failure, not a stop: the others cannot go on alone (and a
+            for other in running:   # SIGTERM would only ask them to sync with the dead one)
+              other.send_signal(signal.SIGKILL)
       time.sleep(0.1)
-  except KeyboardInterrupt:
-    for child in children:
-      child.send_signal(signal.SIGTERM)
-    code = 130
-  return code
+    return code
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)

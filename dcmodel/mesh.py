@@ -12,7 +12,9 @@ import math
 import jax
 import numpy as np
 from flax.core import spmd
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dcmodel.config import MeshConfig
 from dcmodel.errors import UserError
@@ -55,7 +57,6 @@ def build_mesh(cfg: MeshConfig, devices=None) -> Mesh:
   shape = tuple(sizes[a] for a in AXES)
   used = devices[: math.prod(shape)]
   try:  # topology-aware device order on TPU/GPU; plain order elsewhere
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices=used)
   except Exception:
     grid = np.asarray(used).reshape(shape)

@@ -17,6 +17,21 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   atexit.register(shutil.rmtree, _cache, True)
 
+# The peak MFU is measured against (dcmodel/perf/peak.py) is calibrated once per host and cached;
+# the tests use a session cache seeded with a fixed figure, so no test pays for a calibration or
+# depends on one taken while the machine was busy (tests/test_runtime.py calibrates on its own).
+if "DCMODEL_CACHE_DIR" not in os.environ:
+  import atexit
+  import json
+  import shutil
+  import socket
+  import tempfile
+  os.environ["DCMODEL_CACHE_DIR"] = tempfile.mkdtemp(prefix="dcmodel-test-cache-")
+  for n in range(1, 9):
+    with open(os.path.join(os.environ["DCMODEL_CACHE_DIR"], f"peak-{socket.gethostname()}-cpu-{n}dev.json"), "w") as f:
+      json.dump({"flops_per_device": 2e10, "bandwidth_per_device": 1e9, "measured": "seeded by tests/conftest.py"}, f)
+  atexit.register(shutil.rmtree, os.environ["DCMODEL_CACHE_DIR"], True)
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

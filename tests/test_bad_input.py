@@ -158,3 +158,151 @@ def test_real_process_prints_no_traceback(tmp_path):
   r = subprocess.run([sys.executable, "-m", "dcmodel.cli", "train", str(tmp_path / "missing.py")],
                      capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------- resources and files
+# Every number that sizes work is checked against what exists before any work; output paths never
+# land on a user's files; whatever a user's experiment file raises is the one line.
+
+GPT = str(EXPERIMENTS / "corpus_gpt.py")
+TINY_GPT = ["--set", "model.d_model=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2", "--set", "model.d_ff=64",
+            "--set", "model.max_len=32", "--set", "data.global_batch_size=8", "--set", "data.eval_batch_size=8",
+            "--set", "train.steps=2", "--set", "train.final_eval=false", "--set", "train.progress=false",
+            "--set", "optimizer.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, trained):
+  """A trained tiny GPT on a small corpus, a results store of the CNN run, and files a user owns."""
+  root = tmp_path_factory.mktemp("outputs")
+  docs = root / "docs.jsonl"
+  docs.write_text("".join(f'{{"text": "document {i}: {"lorem ipsum dolor sit amet " * (3 + i % 5)}"}}\n' for i in range(200)))
+  gpt = root / "gpt"
+  corpus = ["--set", "data.source=corpus", "--set", f"data.path={docs}", *TINY_GPT]
+  assert cli.main(["train", GPT, *corpus, "--workdir", str(gpt)]) == 0
+  results = root / "results"
+  assert cli.main(["predict", CNN, "--workdir", str(trained), "--out", str(results), "--set", "train.progress=false"]) == 0
+  (root / "mine.txt").write_text("a file the user owns\n")
+  (root / "mydir").mkdir()
+  (root / "mydir" / "notes.txt").write_text("the user's notes\n")
+  (root / "myconf").mkdir()
+  (root / "myconf" / "config.json").write_text('{"learning_rate": 0.1}\n')
+  (root / "exits.py").write_text("import sys\nsys.exit(3)\n")
+  (root / "types.py").write_text("from dcmodel import models\nfrom dcmodel.config import Config, TrainConfig\n"
+                                 "def get_config():\n  return Config(model=models.get_config('cnn', image_size=(8, 8)), "
+                                 "train=TrainConfig(steps='10'))\n")
+  (root / "broken_model.py").write_text(
+      "import dataclasses\nfrom dcmodel.config import Config, DataConfig\nfrom dcmodel.models import registry\n"
+      "from dcmodel.models.mlp import MLPConfig\n\n@registry.register('broken_mlp')\n@dataclasses.dataclass(frozen=True)\n"
+      "class Broken(MLPConfig):\n  def make(self, rngs):\n    raise ValueError('my model is broken')\n\n"
+      "def get_config():\n  return Config(model=Broken(input_dim=64, hidden=(8,), num_outputs=10),\n"
+      "                data=DataConfig(global_batch_size=64, eval_batch_size=64))\n")
+  return {"root": root, "gpt": gpt, "corpus": corpus, "results": results}
+
+
+def resource_cases(o, trained):
+  """(description, full argv, expected fragment of the one-line message)."""
+  root, q = o["root"], ["--set", "train.progress=false"]
+  clicks = str(EXPERIMENTS / "clicks_dlrm.py")
+  stdlib_gpt = str(EXPERIMENTS / "stdlib_gpt.py")
+  fresh = lambda name: ["--workdir", str(root / f"never-{name}")]
+  return [
+      ("no simulated devices", ["--host-devices", "0", "train", CNN, *q, *fresh("a")], "--host-devices must be between 1 and 512, got 0"),
+      ("a hundred thousand simulated devices", ["--host-devices", "100000", "train", CNN, *q, *fresh("a")],
+       "--host-devices must be between 1 and 512, got 100000"),
+      ("more processes than devices allow", ["launch", "--processes", "600", CNN, *q, *fresh("a")],
+       "--processes must be between 1 and 512, got 600"),
+      ("huge devices per process", ["launch", "--processes", "2", "--devices-per-process", "100000", CNN, *fresh("a")],
+       "--devices-per-process must be between 1 and 512, got 100000"),
+      ("processes x devices beyond the bound", ["launch", "--processes", "300", "--devices-per-process", "2", CNN, *fresh("a")],
+       "--processes x devices per process must be between 1 and 512, got 600"),
+      ("a batch of 10^8 examples", ["train", CNN, *q, "--set", "data.global_batch_size=100000000", *fresh("b")],
+       "batches in flight"),
+      ("an eval batch of 10^9", ["train", CNN, *q, "--set", "data.eval_batch_size=1000000000", *fresh("b")], "of memory, but this host has"),
+      ("a batch larger than the training split", ["train", CNN, *q, "--set", "data.global_batch_size=2048", *fresh("b")],
+       "data.global_batch_size=2048 is more than the 1437 training examples of digits"),
+      ("sequences of a million tokens", ["train", stdlib_gpt, *q, "--set", "model.max_len=1000000", *fresh("c")], "activations"),
+      ("a vocabulary of 10^9", ["train", stdlib_gpt, *q, "--set", "model.vocab_size=1000000000", *fresh("c")],
+       "needs at least"),
+      ("a million layers", ["train", stdlib_gpt, *q, "--set", "model.num_layers=1000000", *fresh("c")],
+       "model.num_layers=1000000 is more than 512"),
+      ("10^12 planted rows", ["train", clicks, *q, "--set", "data.options={'rows': 1000000000000}", *fresh("d")],
+       "data.source=clicks with data.options['rows']=1000000000000 needs at least"),
+      ("negative planted rows", ["train", clicks, *q, "--set", "data.options={'rows': -5}", *fresh("d")],
+       "data.options['rows'] must be an integer >= 2, got -5"),
+      ("a million read threads", ["train", CNN, *q, "--set", "data.read_threads=1000000", *fresh("e")],
+       "data.read_threads must be between 0 and 64"),
+      ("a prefetch of 10^9 batches", ["train", CNN, *q, "--set", "data.prefetch=1000000000", *fresh("e")],
+       "data.prefetch must be between 0 and 1024"),
+      ("a million steps per call", ["train", CNN, *q, "--set", "train.steps_per_dispatch=1000000", "--set", "train.steps=1000000",
+                                    "--set", "train.log_every=1000000", "--set", "checkpoint.every_steps=1000000", *fresh("e")],
+       "batches in flight"),
+      ("workdir is a user's file", ["train", CNN, *q, "--workdir", str(root / "mine.txt")], "is a file, not a directory"),
+      ("workdir is a directory of the user's files", ["train", CNN, *q, "--workdir", str(root / "mydir")],
+       "holds files that are not a dcmodel run's (notes.txt)"),
+      ("workdir holds a config.json of something else", ["train", CNN, *q, "--workdir", str(root / "myconf")],
+       "holds a config.json that is not a dcmodel run's"),
+      ("profile span backwards", ["train", CNN, *q, "--profile-steps", "5:3", *fresh("f")], "must be A:B with 0 <= A < B"),
+      ("negative checkpoint interval", ["train", CNN, *q, "--set", "checkpoint.every_seconds=-1", *fresh("f")],
+       "must be 0 or more"),
+      ("no checkpoint schedule", ["train", CNN, *q, "--set", "checkpoint.every_steps=0", *fresh("f")],
+       "checkpoint.every_steps and checkpoint.every_seconds are both 0"),
+      ("experiment calls sys.exit", ["train", str(root / "exits.py"), *fresh("g")], "called sys.exit(3) while being imported"),
+      ("experiment returns a wrong type", ["train", str(root / "types.py"), *fresh("g")], "train.steps: expected int, got '10'"),
+      ("experiment's own model raises", ["train", str(root / "broken_model.py"), *q, *fresh("g")],
+       "broken_model.py, line 10: ValueError: my model is broken"),
+      ("a hundred million new tokens", ["generate", GPT, *o["corpus"], "--workdir", str(o["gpt"]), "--prompt", "doc",
+                                        "--max-new-tokens", "100000000"], "KV cache"),
+      ("top-k beyond the vocabulary", ["generate", GPT, *o["corpus"], "--workdir", str(o["gpt"]), "--prompt", "doc",
+                                       "--temperature", "1", "--top-k", "1000000000"], "--top-k 1000000000 is more than the 256 tokens"),
+      ("predict --out is a user's file", ["predict", CNN, "--workdir", str(trained), "--out", str(root / "mine.txt")],
+       "is a file; a results store is a directory"),
+      ("predict --out is a directory of the user's files", ["predict", CNN, "--workdir", str(trained), "--out", str(root / "mydir")],
+       "is a directory of other things"),
+      ("predict batch of 10^9", ["predict", CNN, "--workdir", str(trained), "--out", str(root / "never-r"), "--batch-size", "1000000000"],
+       "--batch-size 1000000000 (a batch read"),
+      ("ingest into 10^9 shards", ["ingest", CNN, "--out", str(root / "never-i"), "--shards", "1000000000"],
+       "--shards must be between 1 and 1437"),
+      ("ingest with 10^5 workers", ["ingest", GPT, *o["corpus"], "--out", str(root / "never-i"), "--workers", "100000"],
+       "--workers must be between 1 and"),
+      ("query top 10^12", ["query", str(o["results"]), "--top", "1000000000000"], "--top 1000000000000 is more than the 360 committed rows"),
+      ("a trace that is not there", ["bench", "--trace", str(trained)], "no profiler trace under"),
+      ("tokenizer of no merges", ["tokenizer", "train", stdlib_gpt, "--vocab-size", "10", "--out", str(root / "never-tok.json")],
+       "--vocab-size 10 is too small"),
+  ]
+
+
+def test_at_least_20_resource_and_file_inputs_fail_cleanly(tmp_path, trained, outputs, capsys):
+  listed = resource_cases(outputs, trained)
+  assert len(listed) >= 20
+  before = snapshot(outputs["root"]), snapshot(trained)
+  failures = []
+  for description, argv, fragment in listed:
+    capsys.readouterr()
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    lines = [l for l in err.splitlines() if not l.startswith("WARNING:")]
+    ok = code == 2 and len(lines) == 1 and lines[0].startswith("dcmodel: error: ") and fragment in lines[0]
+    if not ok:
+      failures.append(f"{description}: exit {code}, stderr {err[:500]!r}")
+  assert not failures, "\n".join(failures)
+  assert (snapshot(outputs["root"]), snapshot(trained)) == before, "a failed command changed files on disk"
+  assert not list(outputs["root"].glob("never-*")), "a failed command created its output"
+
+
+def test_second_run_on_a_held_workdir_is_refused(trained, capsys):
+  """A live holder of the workdir's lock (here this process, through its own open of the file):
+  the second run is refused naming the holder's pid and host, and touches nothing."""
+  import socket
+  from dcmodel.train.lock import RunLock
+  holder = RunLock(trained)
+  holder.acquire()
+  try:
+    before = snapshot(trained)
+    code = cli.main(["train", CNN, "--workdir", str(trained), "--set", "train.steps=8", "--set", "train.progress=false"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert f"is in use by another run (pid {os.getpid()} on host {socket.gethostname()}" in err
+    assert snapshot(trained) == before
+  finally:
+    holder.release()

@@ -387,7 +387,10 @@ def test_1000_connections_leave_no_slot_or_memory_behind_and_sigterm_drains(gpt_
   proc, url = start_server(gpt_workdir, "--slots", "8", "--queue", "64", "--results", str(results))
   try:
     body = lambda i: {"prompt": f"def f{i}(", "max_tokens": 8, "temperature": 0}
-    assert all(r.status_code == 200 for r in post_all(url, [body(i) for i in range(64)]))     # warm: connections, buffers
+    assert all(r.status_code == 200 for r in post_all(url, [body(i) for i in range(64)]))     # warm: the compiled steps
+    # A first 1,000 grows the heap's arenas to what this load needs (~5% here, kept by the
+    # allocator, not leaked); a second 1,000 must then leave nothing behind.
+    warm = [getattr(r, "status_code", r) for r in post_all(url, [body(i) for i in range(1000)])]
     rss = lambda: psutil.Process(proc.pid).memory_info().rss
     before = rss()
     got = post_all(url, [body(i) for i in range(1000)])
@@ -397,9 +400,9 @@ def test_1000_connections_leave_no_slot_or_memory_behind_and_sigterm_drains(gpt_
     health = httpx.get(url + "/healthz").json()
     assert (health["busy_slots"], health["queue_depth"]) == (0, 0)
     after = rss()
-    print(f"RSS after warm-up {before / 2**20:.1f} MiB, after 1,000 connections {after / 2**20:.1f} MiB "
+    print(f"RSS after a first 1,000 connections {before / 2**20:.1f} MiB, after 1,000 more {after / 2**20:.1f} MiB "
           f"({100 * (after / before - 1):+.1f}%); {codes.count(200)} answered, {codes.count(503)} refused")
-    assert abs(after / before - 1) < 0.05
+    assert abs(after / before - 1) < 0.02
     # SIGTERM while a stream is mid-way: it finishes, then the server exits cleanly
     answers = []
     reader = threading.Thread(target=lambda: answers.append(stream(url, {"prompt": "drain", "max_tokens": 50, "temperature": 0})))
@@ -417,7 +420,7 @@ def test_1000_connections_leave_no_slot_or_memory_behind_and_sigterm_drains(gpt_
     if proc.poll() is None:
       proc.kill()
   rows = results_lib.Results(results).read(slice(0, None))
-  assert len(rows["id"]) == 64 + codes.count(200) + 1                     # every answer, the drained one last
+  assert len(rows["id"]) == 64 + warm.count(200) + codes.count(200) + 1                     # every answer, the drained one last
   assert rows["prompt"][-1] == b"drain" and rows["completion_tokens"][-1] == 50
 
 

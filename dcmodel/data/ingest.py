@@ -31,9 +31,13 @@ from dcmodel.data.registry import Corpus, Table
 from dcmodel.data.sources.stored import MANIFEST, encode, read_manifest, sha256
 from dcmodel.data.types import CorpusReport
 from dcmodel.errors import UserError
+from dcmodel.resources import check_count, check_host_memory, cpu_count
 
 CHUNK_BYTES = 64 * 2 ** 20      # text per committed chunk: what a kill can cost
-BATCH_DOCS = 256                # documents per worker task
+BATCH_DOCS = 256                # documents per worker task, and at most
+BATCH_BYTES = 1 << 20           # this much text: tokenizing holds ~60 bytes per byte of text (the
+                                # library's per-token records), so a task's memory stays ~60 MiB
+TOKENIZE_BYTES_PER_BYTE = 64    # what one document's tokenization may hold, checked before it is sent
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -74,6 +78,8 @@ def ingest_table(src: Table, cfg: DataConfig, out: Path, shards: int) -> dict:
   if (out / MANIFEST).exists():
     raise UserError(f"{out} already holds an ingested data set ({MANIFEST}); pick another directory")
   ds = Dataset.from_table(src, cfg, spec=None)
+  train_rows = len(ds.splits["train"].cols["id"])
+  check_count("--shards", shards, 1, train_rows, f"one file per shard; the training split has {train_rows} rows")
   out.mkdir(parents=True, exist_ok=True)
   files = {}
   for split, rows in ds.splits.items():
@@ -150,6 +156,8 @@ def _identity(src: Corpus, cfg: DataConfig, tok) -> dict:
 
 
 def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, chunk_bytes: int, progress: bool) -> dict:
+  workers = workers if workers is not None else cpu_count()
+  check_count("--workers", workers, 1, cpu_count(), "tokenizer processes; more than this machine's cores only adds memory")
   tok = tokenizers.load(cfg.tokenizer)
   identity = _identity(src, cfg, tok)
   out.mkdir(parents=True, exist_ok=True)
@@ -175,10 +183,6 @@ def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, 
                 "position": 0, "chunks": 0, "complete": False}
   start, resumed_at = manifest["position"], manifest["position"]
   token_dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.int32
-  cores = os.cpu_count() or 1
-  workers = workers if workers is not None else cores
-  if not 1 <= workers <= 4 * cores:
-    raise UserError(f"--workers {workers}: expected 1 to {4 * cores} tokenizer processes on this host of {cores} cores")
   pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=tokenizers.worker_init, initargs=(cfg.tokenizer,))
           if workers > 1 else None)
@@ -186,7 +190,7 @@ def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, 
   bar = tqdm(unit="B", unit_scale=True, desc=f"ingest {src.name}", disable=not progress, dynamic_ncols=True,
              smoothing=0.1)
   t0, docs_done = time.perf_counter(), 0
-  chunk, chunk_text, pending, batch = _Chunk(out, manifest["chunks"], token_dtype), 0, collections.deque(), []
+  chunk, chunk_text, pending, batch, batch_text = _Chunk(out, manifest["chunks"], token_dtype), 0, collections.deque(), [], 0
 
   def submit(batch):
     texts = [d.text for _, d in batch]
@@ -218,11 +222,16 @@ def ingest_corpus(src: Corpus, cfg: DataConfig, out: Path, workers: int | None, 
     for split, doc, kept in documents.classified(src, filt, reports, skip=start):
       position = doc.index + 1
       if kept:
+        if len(doc.text) > BATCH_BYTES:    # one document alone: is there memory to tokenize it?
+          check_host_memory(TOKENIZE_BYTES_PER_BYTE * len(doc.text) * workers,
+                            f"tokenizing document {doc.index} of {src.name} ({len(doc.text) / 2 ** 20:.0f} MiB)",
+                            "drop such documents with --set data.max_doc_bytes=N, or use fewer --workers")
         batch.append((split, doc))
         chunk_text += len(doc.text)
-      if len(batch) >= BATCH_DOCS or (batch and chunk_text >= chunk_bytes):
+        batch_text += len(doc.text)
+      if len(batch) >= BATCH_DOCS or batch_text >= BATCH_BYTES or (batch and chunk_text >= chunk_bytes):
         submit(batch)
-        batch = []
+        batch, batch_text = [], 0
         drain(2 * workers)           # bounded: at most this many tasks in flight
       if chunk_text >= chunk_bytes:
         commit(position)

@@ -17,9 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dcmodel import resources
 from dcmodel.data.tokenizers import ByteTokenizer
 from dcmodel.errors import UserError
 from dcmodel.mesh import batch_divisor, replicated
+from dcmodel.models.layers import DTYPES
+from dcmodel.perf.accounting import kv_cache_bytes
 from dcmodel.train.state import Placed
 
 
@@ -112,11 +115,17 @@ class Generator:
       raise UserError("a prompt encodes to no tokens")
     length = max(len(t) for t in ids)
     slots = length + sampling.max_new_tokens
+    if sampling.top_k > self.cfg.vocab_size:
+      raise UserError(f"--top-k {sampling.top_k} is more than the {self.cfg.vocab_size} tokens of the vocabulary")
+    rows = -(-n // batch_divisor(self.mesh)) * batch_divisor(self.mesh)
+    kv = kv_cache_bytes(self.cfg, rows, slots, jnp.dtype(DTYPES[self.cfg.dtype]).itemsize)
+    resources.check_device_memory(
+        self.placed.bytes_per_device() + kv / self.mesh.size, rows * slots * 4 * 2, self.placed.local_devices(),
+        f"generating {slots} positions for {rows} sequences (KV cache {resources.gib(kv)})", "ask for fewer --max-new-tokens")
     if self.cfg.positions == "learned" and slots > self.cfg.max_len:
       raise UserError(f"prompt ({length} tokens) + --max-new-tokens ({sampling.max_new_tokens}) = {slots} exceeds "
                       f"the model's learned positions (model.max_len={self.cfg.max_len})")
     # The batch splits over the batch axes like training: round it up with copies of prompt 0.
-    rows = -(-n // batch_divisor(self.mesh)) * batch_divisor(self.mesh)
     padded = ids + [ids[0]] * (rows - n)
     tokens = np.zeros((rows, length), np.int32)
     start = np.zeros((rows,), np.int32)

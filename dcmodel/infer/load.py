@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from dcmodel import config as config_lib
+from dcmodel import resources
 from dcmodel.checkpoint import Checkpointer
 from dcmodel.config import Config
 from dcmodel.data import pipeline, tokenizers
@@ -57,6 +58,9 @@ def load(cfg: Config, workdir: str | Path, step: int | None = None, devices=None
                     f"(or the workdir's config.json)")
   tok = check_tokenizer(cfg, workdir) if cfg.model.batch_spec().lm else None
   placed = state_lib.place(cfg, devices)
+  resources.check_device_memory(placed.bytes_per_device(), 0, placed.local_devices(),
+                                f"restoring {cfg.model.name} ({resources.gib(placed.bytes_per_device())} per device)",
+                                "use a mesh that shards the state (mesh.fsdp, mesh.model) or a host with more memory")
   with placed.context():
     ckpt = Checkpointer(ckpt_dir, cfg.checkpoint)
     try:

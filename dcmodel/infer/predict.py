@@ -8,15 +8,18 @@ training run's evaluation of the same checkpoint.
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from dcmodel import config as config_lib
+from dcmodel import resources
 from dcmodel.config import Config
 from dcmodel.data import pipeline
 from dcmodel.data.dataset import Dataset
@@ -44,9 +47,14 @@ def predict(cfg: Config, workdir, out: str, split: str = "test", step: int | Non
   if cfg.model.task not in tasks.ROWS:
     raise UserError(f"predict serves classifiers and the recommender; {cfg.model.name} is a '{cfg.model.task}' model "
                     f"(for gpt use dcmodel generate)")
+  results_lib.check_out(out)
   spec = cfg.model.batch_spec()
-  dataset = Dataset.load(cfg.data, spec)        # cleaning and the normalizer fitted on train, as in training
   batch = batch_size or cfg.data.eval_batch_size
+  resources.check_count("--batch-size", batch, 1)
+  example_bytes = sum(math.prod(f.shape) * np.dtype(f.dtype).itemsize for f in spec.fields.values())
+  resources.check_host_memory(3 * batch * example_bytes, f"--batch-size {batch} (a batch read, on the devices and "
+                              f"its outputs)", "use a smaller --batch-size")
+  dataset = Dataset.load(cfg.data, spec)        # cleaning and the normalizer fitted on train, as in training
   batches = dataset.eval_batches(split, batch)
   n = len(dataset.splits[split])
   if n == 0:
@@ -65,7 +73,6 @@ def predict(cfg: Config, workdir, out: str, split: str = "test", step: int | Non
   writer = results_lib.ResultsWriter(out, n, batch, columns, meta) if jax.process_index() == 0 else None
   first = (writer.done if writer else 0) // batch
   if jax.process_count() > 1:  # every process must agree where to start
-    from jax.experimental import multihost_utils
     first = int(multihost_utils.broadcast_one_to_all(np.int64(first)))
 
   t0 = time.perf_counter()

@@ -47,6 +47,18 @@ def _spec(path: str, column: str) -> dict:
   return {"driver": "zarr3", "kvstore": _kvstore(path) + column + "/"}
 
 
+def check_out(path: str) -> None:
+  """A results store goes to a new directory, an empty one, or one that is a results store:
+  never over a user's file or into a directory of other things."""
+  if "://" in str(path):
+    return
+  p = os.path.abspath(path)
+  if os.path.exists(p) and not os.path.isdir(p):
+    raise UserError(f"--out {path} is a file; a results store is a directory of its own (nothing is overwritten)")
+  if os.path.isdir(p) and os.listdir(p) and not os.path.exists(os.path.join(p, META)):
+    raise UserError(f"--out {path} is a directory of other things (no {META}); pick a new or empty directory")
+
+
 def _dtype_name(dtype) -> str:
   dtype = np.dtype(dtype)
   return f"S{dtype.itemsize}" if dtype.kind == "S" else dtype.name
@@ -262,6 +274,8 @@ def query(path: str, ids=None, range: str | None = None, where: tuple[str, ...] 
   conds = [parse_where(w, scalar, text) for w in where]
   if top is not None and (top < 1 or by not in numeric):
     raise UserError(f"--top needs K >= 1 and --by one of {', '.join(numeric)}; got K={top}, --by {by}")
+  if top is not None and top > res.rows_done:
+    raise UserError(f"--top {top} is more than the {res.rows_done} committed rows of {path}")
   window = parse_range(range, res.rows_done) if range else slice(0, res.rows_done)
   need = sorted({c[0] for c in conds} | {c[2] for c in conds if isinstance(c[2], str)} | ({by} if top else set()))
   if ids is not None:

@@ -22,6 +22,8 @@ from dcmodel.models.attention import IMPLS, attend, unfit
 from dcmodel.models.layers import DTYPES, compute_dtype, label_fields, matmul, param_init, zeros
 from dcmodel.models.registry import ModelConfig, register
 
+MAX_LAYERS = 512        # built and traced in a Python loop: time grows with the count
+
 REMAT = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
@@ -61,6 +63,10 @@ class TransformerConfig(ModelConfig):
     for field in ("vocab_size", "max_len", "d_model", "num_layers", "num_heads", "d_ff"):
       if getattr(self, field) <= 0:
         raise UserError(f"model.{field} must be positive, got {getattr(self, field)}")
+    if self.num_layers > MAX_LAYERS:
+      raise UserError(f"model.num_layers={self.num_layers} is more than {MAX_LAYERS}: the layers are built and traced one "
+                      f"by one in Python (96 take ~15 s), so this many would not finish; the largest published "
+                      f"models have ~130")
     if self.d_model % self.num_heads:
       raise UserError(f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}")
     if self.num_heads % self.kv_heads:

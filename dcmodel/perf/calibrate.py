@@ -56,14 +56,16 @@ class HostCalibration:
     return cls(**json.loads(Path(path).read_text()))
 
 
-def matmul_peak(sizes=(512, 1024, 2048), dtype=jnp.float32) -> float:
-  """FLOP/s of the fastest square matmul, batched over every device (each multiplies its own)."""
-  mesh = jax.make_mesh((jax.device_count(),), ("d",))
+def matmul_peak(sizes=(512, 1024, 2048), dtype=jnp.float32, devices=None) -> float:
+  """FLOP/s of the fastest square matmul, batched over every device (each multiplies its own);
+  `devices` (default all) may be this process's own, which needs no other process."""
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
   best = 0.0
   for n in sizes:
-    a = jax.device_put(jnp.ones((jax.device_count(), n, n), dtype), NamedSharding(mesh, P("d")))
+    a = jax.device_put(jnp.ones((len(devices), n, n), dtype), NamedSharding(mesh, P("d")))
     f = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x))
-    best = max(best, 2 * jax.device_count() * n ** 3 / _median_time(f, a))
+    best = max(best, 2 * len(devices) * n ** 3 / _median_time(f, a))
   return best
 
 
@@ -86,12 +88,13 @@ def matmul_half_dim(peak: float, widths=(16, 32, 64, 128, 256), depth: int = SHA
   return float(max(np.median(estimates), 0.0))
 
 
-def memory_bandwidth(mib: int = 256) -> float:
-  """Bytes/s of x -> 2x over an array split across the devices, each byte read once and written
-  once into a fresh buffer, as a step's temporaries are (on a CPU host that includes the page
-  faults of new memory, which in-place updates avoid). Median of 9 runs."""
-  mesh = jax.make_mesh((jax.device_count(),), ("d",))
-  n = mib * 2 ** 20 // 4 // jax.device_count() * jax.device_count()
+def memory_bandwidth(mib: int = 256, devices=None) -> float:
+  """Bytes/s of x -> 2x over an array split across the devices (default all), each byte read once
+  and written once into a fresh buffer, as a step's temporaries are (on a CPU host that includes
+  the page faults of new memory, which in-place updates avoid). Median of 9 runs."""
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+  n = mib * 2 ** 20 // 4 // len(devices) * len(devices)
   x = jax.device_put(jnp.ones((n,), jnp.float32), NamedSharding(mesh, P("d")))
   f = jax.jit(lambda v: v * 2.0)
   return 2 * 4 * n / _median_time(f, x, repeats=9)

@@ -111,6 +111,18 @@ def get(name: str) -> Chip:
   return CATALOG[name]
 
 
+# jax's device_kind strings, as TPU and CUDA runtimes report them, to catalog entries.
+DEVICE_KINDS = (("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("tpu v5", "tpu-v5p"),
+                ("v6 lite", "tpu-v6e"), ("v6e", "tpu-v6e"), ("tpu v4", "tpu-v4"),
+                ("h200", "h200"), ("h100", "h100"), ("a100", "a100"))
+
+
+def for_device_kind(kind: str) -> Chip | None:
+  """The catalog chip a device reports itself as (jax `device.device_kind`), if any."""
+  kind = kind.lower()
+  return next((CATALOG[name] for key, name in DEVICE_KINDS if key in kind), None)
+
+
 def from_calibration(cal) -> Chip:
   """This host as `perf.calibrate` measured it, per simulated device: the measured matmul rate
   and its shape curve, the bandwidth of writing fresh buffers, each collective's fitted

@@ -69,6 +69,15 @@ class Placed:
   def model(self, state):
     return nnx.merge(self.graphdef, state)[0]
 
+  def bytes_per_device(self, params_only: bool = False) -> int:
+    """Bytes of the state (or of its parameters) one device holds in these shardings."""
+    tree = params(self.graphdef, self.target) if params_only else self.target
+    return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+  def local_devices(self) -> list:
+    """This process's devices of the mesh."""
+    return [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+
   def fresh_optimizer(self, model_state):
     """The train state from the model's state alone, with a new optimizer state (zero moments,
     step 0): what training from imported weights starts from. The model's arrays are donated."""
@@ -109,10 +118,11 @@ def check_divisible(abs_state, shardings, mesh) -> None:
                         f"or map that logical axis to None in mesh.rules")
 
 
-def abstract_batch(cfg: Config, sharding=None) -> dict:
-  """ShapeDtypeStructs of one global training batch: the model's declared batch spec."""
-  b = cfg.data.global_batch_size
-  return {k: jax.ShapeDtypeStruct((b, *f.shape), jax.numpy.dtype(f.dtype), sharding=sharding)
+def abstract_batch(cfg: Config, sharding=None, steps: int = 1) -> dict:
+  """ShapeDtypeStructs of one global training batch: the model's declared batch spec (with
+  steps > 1, that many batches stacked on a leading axis, as one call of several steps takes)."""
+  lead = (steps, cfg.data.global_batch_size) if steps > 1 else (cfg.data.global_batch_size,)
+  return {k: jax.ShapeDtypeStruct((*lead, *f.shape), jax.numpy.dtype(f.dtype), sharding=sharding)
           for k, f in cfg.model.batch_spec().fields.items()}
 
 

@@ -26,6 +26,21 @@ from dcmodel.data.sources.tables import split_rows
 from dcmodel.data.transforms import HashBuckets, Tokenize
 from dcmodel.data.types import CorpusReport
 from dcmodel.errors import UserError
+from dcmodel.resources import check_host_memory
+
+
+def option_int(options: dict, key: str, default: int, low: int = 1) -> int:
+  """An integer data.options entry, checked: a size must be a whole number >= low."""
+  value = options.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise UserError(f"data.options['{key}'] must be an integer >= {low}, got {value!r}")
+  return int(value)
+
+
+def check_generated(rows: int, bytes_per_row: int, source: str) -> None:
+  """A planted source draws all its rows in memory: they must fit before any is drawn."""
+  check_host_memory(rows * bytes_per_row, f"data.source={source} with data.options['rows']={rows}",
+                    "ask for fewer rows")
 
 
 @register("digits")
@@ -67,8 +82,12 @@ def planted_clicks(rows: int, num_dense: int, table_sizes: tuple[int, ...], late
 def clicks(cfg: DataConfig) -> Table:
   o = cfg.options
   sizes = tuple(o.get("table_sizes", (1000, 500, 200, 100)))
-  dense, cats, y, p = planted_clicks(int(o.get("rows", 200_000)), int(o.get("num_dense", 13)), sizes,
-                                     int(o.get("latent", 4)), int(o.get("seed", cfg.split_seed)))
+  rows, num_dense, latent = option_int(o, "rows", 200_000, 2), option_int(o, "num_dense", 13), option_int(o, "latent", 4)
+  if not sizes or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in sizes):
+    raise UserError(f"data.options['table_sizes'] must be positive integers, got {sizes}")
+  # features, ids, labels and probabilities per row; per category its effect, latent vector and raw id
+  check_generated(rows, 8 * (num_dense + 2 * len(sizes) + 4) + 8 * (latent + 2) * sum(sizes) // rows + 1, "clicks")
+  dense, cats, y, p = planted_clicks(rows, num_dense, sizes, latent, int(o.get("seed", cfg.split_seed)))
   train, test = split_rows(len(y), None, cfg.test_fraction, cfg.split_seed)
   ids = np.arange(len(y), dtype=np.int64)
   transforms = ()
@@ -90,7 +109,8 @@ def planted_tabular(cfg: DataConfig) -> Table:
   """The documents' recommender / binary-classifier inputs: `num_features` Gaussian features,
   label from a planted two-layer network, so the best AUC is known (`bayes_auc`)."""
   o = cfg.options
-  rows, d = int(o.get("rows", 20_000)), int(o.get("num_features", 100))
+  rows, d = option_int(o, "rows", 20_000, 2), option_int(o, "num_features", 100)
+  check_generated(rows, 4 * d + 8 * 16 + 32, "planted_tabular")     # features, the planted layer, labels
   rng = np.random.default_rng(int(o.get("seed", cfg.split_seed)))
   x = rng.normal(size=(rows, d)).astype(np.float32)
   w1 = rng.normal(0, 1 / np.sqrt(d), (d, 16))
@@ -147,9 +167,11 @@ def stdlib_text(cfg: DataConfig) -> Corpus:
 def stdlib_snippets(cfg: DataConfig) -> Table:
   """256-byte snippets of text labelled by the top-level stdlib package they come from (the 10
   largest), split by file so no file is in both splits; tokenized by the pipeline."""
-  length = int(cfg.options.get("snippet_len", 256))
-  per_class = int(cfg.options.get("max_per_class", 3000))
-  classes = int(cfg.options.get("num_classes", 10))
+  length = option_int(cfg.options, "snippet_len", 256)
+  per_class = option_int(cfg.options, "max_per_class", 3000)
+  classes = option_int(cfg.options, "num_classes", 10)
+  check_host_memory(length * per_class * classes, f"data.source=stdlib_snippets with snippet_len={length} x "
+                    f"max_per_class={per_class} x num_classes={classes}", "ask for fewer or shorter snippets")
   base = Path(cfg.options.get("root") or sysconfig.get_paths()["stdlib"])
   files, _ = utf8_files(stdlib_files(str(base)))
   by_pkg: dict[str, list[bytes]] = {}
