@@ -26,6 +26,9 @@ SUITE = [
     ("benchmarks.compression", ["--quick"], []),
     ("benchmarks.interop", ["--quick"], []),
     ("benchmarks.peers", None, []),
+    ("benchmarks.lm_peers", None, ["--variant", "gpt"]),      # each variant < 15 minutes here
+    ("benchmarks.lm_peers", None, ["--variant", "llama"]),
+    ("benchmarks.lm_decode", None, []),
     ("benchmarks.pipeline_bubble", None, []),
     ("benchmarks.roofline", None, []),
     ("benchmarks.soak", None, []),

@@ -19,7 +19,7 @@ from dcmodel.data.types import BatchSpec, Field
 from dcmodel.errors import UserError
 from dcmodel.mesh import constrain
 from dcmodel.models.attention import IMPLS, attend, unfit
-from dcmodel.models.layers import DTYPES, compute_dtype, label_fields, param_init, zeros
+from dcmodel.models.layers import DTYPES, compute_dtype, label_fields, matmul, param_init, zeros
 from dcmodel.models.registry import ModelConfig, register
 
 MAX_LAYERS = 512        # built and traced in a Python loop: time grows with the count
@@ -243,12 +243,12 @@ class MLP(nnx.Module):
     self.bo = nnx.Param(zeros(("embed",))(rngs.params(), (d,))) if cfg.use_bias else None
 
   def __call__(self, x, dtype):
-    h = x @ self.wi[...].astype(dtype)
+    h = matmul(x, self.wi[...].astype(dtype))
     if self.bi is not None:
       h = h + self.bi[...].astype(dtype)
-    h = jax.nn.silu(x @ self.wg[...].astype(dtype)) * h if self.wg is not None else jax.nn.gelu(h)
+    h = jax.nn.silu(matmul(x, self.wg[...].astype(dtype))) * h if self.wg is not None else jax.nn.gelu(h)
     h = constrain(h, ("batch", "act_length", "act_mlp"))
-    y = h @ self.wo[...].astype(dtype)
+    y = matmul(h, self.wo[...].astype(dtype))
     return y + self.bo[...].astype(dtype) if self.bo is not None else y
 
 
@@ -347,7 +347,7 @@ class GPT(nnx.Module):
   def _logits(self, x):
     w = self.trunk.embed.embedding[...].T if self.unembed is None else self.unembed[...]
     dtype = DTYPES[self.trunk.cfg.dtype]
-    return constrain((x.astype(dtype) @ w.astype(dtype)).astype(jnp.float32), ("batch", "act_length", "act_vocab"))
+    return constrain(matmul(x.astype(dtype), w.astype(dtype)).astype(jnp.float32), ("batch", "act_length", "act_vocab"))
 
 
 class BERT(nnx.Module):

@@ -1,0 +1,54 @@
+"""Is a decode step's time its weight matmuls at few rows? The lm_decode model's weight matmuls
+(8 layers of Q, K, V, O 512x512, MLP 512x2048 and 2048x512, the 512x256 unembedding) chained in
+one jit on (rows, 512) activations, nothing else (no attention, no cache, no norms), against the
+bytes of those weights at the calibrated read bandwidth, at 1, 8 and 64 rows. Median of 20 calls.
+
+  PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.decode_rows
+"""
+
+import os
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dcmodel.perf import calibrate  # noqa: E402
+
+D, F, LAYERS, V = 512, 2048, 8, 256
+
+
+def main():
+  keys = iter(jax.random.split(jax.random.key(0), 100))
+  w = lambda i, o: jax.random.normal(next(keys), (i, o)) / np.sqrt(i)
+  layers = [[w(D, D), w(D, D), w(D, D), w(D, D), w(D, F), w(F, D)] for _ in range(LAYERS)]
+  unembed = w(D, V)
+  weight_bytes = 4 * (sum(a.size for layer in layers for a in layer) + unembed.size)
+
+  @jax.jit
+  def matmuls(x, layers, unembed):
+    for wq, wk, wv, wo, wi, wf in layers:
+      a = (x @ wq + x @ wk + x @ wv) @ wo      # the step's projections (values are not the point)
+      x = x + jax.nn.gelu(a @ wi) @ wf * 1e-3
+    return x @ unembed
+
+  bw = calibrate.read_bandwidth(256)
+  print(f"weights {weight_bytes / 1e6:.1f} MB, read bandwidth {bw / 1e9:.1f} GB/s: memory bound {weight_bytes / bw * 1e3:.2f} ms")
+  for rows in (1, 8, 64):
+    x = jnp.ones((rows, D))
+    jax.block_until_ready(matmuls(x, layers, unembed))
+    times = []
+    for _ in range(20):
+      t = time.perf_counter()
+      jax.block_until_ready(matmuls(x, layers, unembed))
+      times.append(time.perf_counter() - t)
+    med = float(np.median(times))
+    flops = 2 * rows * weight_bytes / 4
+    print(f"rows {rows:3d}: {med * 1e3:6.2f} ms = {weight_bytes / med / 1e9:5.1f} GB/s of weights, {flops / med / 1e9:6.1f} GFLOP/s "
+          f"({weight_bytes / bw / med:.0%} of the memory bound)")
+
+
+if __name__ == "__main__":
+  main()
