@@ -42,39 +42,31 @@ PROMPTS = {"jsonl": ["The ", "## Installation\n\n", "This program is free softwa
            "parquet": ["#include <", "static inline int ", "/* Copyright (C) "]}
 
 
-def make_jsonl(path: Path, max_mb: int = 64) -> dict:
-  files = sorted({*glob.glob(f"{sys.prefix}/lib/python3*/site-packages/**/*.md", recursive=True),
-                  *glob.glob(f"{sys.prefix}/lib/python3*/site-packages/**/*.rst", recursive=True),
-                  *glob.glob(f"{sys.prefix}/lib/python3*/site-packages/**/*.txt", recursive=True),
-                  *glob.glob("/usr/share/doc/**/copyright", recursive=True),
-                  *glob.glob("/usr/share/doc/**/*.md", recursive=True)})
-  docs = size = 0
-  with open(path, "w") as f:
-    for name in files:
-      try:
-        text = Path(name).read_text(encoding="utf-8")
-      except (UnicodeDecodeError, OSError):
-        continue
-      if len(text) < 200 or size > max_mb * 2 ** 20:
-        continue
-      f.write(json.dumps({"text": text, "path": name}) + "\n")
-      docs, size = docs + 1, size + len(text.encode())
-  return {"path": str(path), "documents": docs, "text_bytes": size}
-
-
-def make_parquet(path: Path, max_mb: int = 64) -> dict:
-  rows, size = [], 0
-  for name in sorted(glob.glob("/usr/include/**/*.h", recursive=True)):
+def texts(patterns: list[str], max_mb: int):
+  """(path, text) of the UTF-8 files of at least 200 characters the patterns match, up to max_mb."""
+  size = 0
+  for name in sorted({f for pattern in patterns for f in glob.glob(pattern, recursive=True)}):
     try:
       text = Path(name).read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError):
       continue
-    if len(text) < 200 or size > max_mb * 2 ** 20:
-      continue
-    rows.append({"file": name, "source": text})
-    size += len(text.encode())
+    if len(text) >= 200 and size <= max_mb * 2 ** 20:
+      size += len(text.encode())
+      yield name, text
+
+
+def make_jsonl(path: Path, max_mb: int = 64) -> dict:
+  site = f"{sys.prefix}/lib/python3*/site-packages/**/*"
+  docs = [{"text": text, "path": name} for name, text in
+          texts([f"{site}.md", f"{site}.rst", f"{site}.txt", "/usr/share/doc/**/copyright", "/usr/share/doc/**/*.md"], max_mb)]
+  path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+  return {"path": str(path), "documents": len(docs), "text_bytes": sum(len(d["text"].encode()) for d in docs)}
+
+
+def make_parquet(path: Path, max_mb: int = 64) -> dict:
+  rows = [{"file": name, "source": text} for name, text in texts(["/usr/include/**/*.h"], max_mb)]
   pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=256)
-  return {"path": str(path), "documents": len(rows), "text_bytes": size}
+  return {"path": str(path), "documents": len(rows), "text_bytes": sum(len(r["source"].encode()) for r in rows)}
 
 
 def cli(*args, timeout=3600) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ Knobs (defaults = dcmodel's formulation):
   mlp    gelu | swiglu;  positions  learned | rope
   ce     optax: softmax_cross_entropy_with_integer_labels + argmax accuracy (dcmodel's lm task) |
          plain: logsumexp minus the picked logit, no accuracy
-  dense  xla: 2-D matmuls as `x @ w`, XLA's own backward | nn: nn_matmul.matmul (every backward
+  dense  xla: 2-D matmuls as `x @ w`, XLA's own backward | nn: layers.matmul (every backward
          matmul NN, for YNNPACK) for the MLP, the 2-D projections and the head
   impl   bare (this file) | dcmodel: dcmodel's own make_train_step on the same shape (the other knobs
          then pick dcmodel config overrides: see DCMODEL_SETS), to tie these numbers to dcmodel's
@@ -37,7 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.experiments_gpt_speed import nn_matmul, quiet  # noqa: E402
+from benchmarks.experiments_gpt_speed import quiet  # noqa: E402
+from dcmodel.models import layers  # noqa: E402
 
 DEFAULTS = {"impl": "bare", "dense": "xla", "proj": "heads", "attn": "dpa", "guard": True, "clip": True, "dtype": "float32", "mlp": "gelu",
             "positions": "learned", "ce": "optax", "d": 512, "layers": 4, "heads": 8, "d_ff": 2048, "vocab": 256,
@@ -67,7 +68,7 @@ def init(k: dict, key):
 
 
 def mm(k: dict, x, w):
-  return nn_matmul.matmul(x, w) if k["dense"] == "nn" else x @ w
+  return layers.matmul(x, w) if k["dense"] == "nn" else x @ w
 
 
 def rms(x, scale):

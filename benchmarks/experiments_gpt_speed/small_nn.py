@@ -1,6 +1,6 @@
-"""Does the NN weight gradient (nn_matmul) also speed up the documents' small models? The peers
+"""Does the NN weight gradient (layers.matmul) also speed up the documents' small models? The peers
 benchmark's bare step (peers.run_xla) for the MLP and the recommender, against the same step with
-every dense layer's `x @ w` through nn_matmul.matmul, in one process, interleaved over rounds.
+every dense layer's `x @ w` through layers.matmul, in one process, interleaved over rounds.
 
   PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.small_nn [--models mlp,rec]
 """
@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import peers  # noqa: E402
-from benchmarks.experiments_gpt_speed import nn_matmul  # noqa: E402
+from dcmodel.models import layers  # noqa: E402
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
       peers.export(model, data)
       runs = {"xla": [], "nn": []}
       for _ in range(args.rounds):
-        for name, mm in (("xla", jnp.matmul), ("nn", nn_matmul.matmul)):
+        for name, mm in (("xla", jnp.matmul), ("nn", layers.matmul)):
           runs[name].append(peers.run_xla(model, data, peers.MODELS[model][1], matmul=mm)["examples_per_s"])
       for name, v in runs.items():
         print(f"{model} {name:4s} best {max(v):9.0f} median {np.median(v):9.0f} examples/s  (x{max(v) / max(runs['xla']):.3f} best, "
