@@ -55,8 +55,10 @@ def deployment(options: Options, replicas: int = 2, max_replicas: int | None = N
   cpus = cpus_per_replica if cpus_per_replica is not None else max(0.1, (os.cpu_count() or 1) / (max_replicas or replicas))
   return serve.deployment(
       serve.ingress()(Replica), name="dcmodel",
-      # a replica takes its slots plus its queue; the proxy holds the rest (bounded, then 503)
-      max_ongoing_requests=options.slots + options.queue, max_queued_requests=options.queue,
+      # A replica takes its slots plus its queue. The proxy holds up to what all replicas take
+      # together (a burst within capacity waits to be routed instead of being shed), then 503s.
+      max_ongoing_requests=options.slots + options.queue,
+      max_queued_requests=(options.slots + options.queue) * (max_replicas or replicas),
       ray_actor_options={"num_cpus": cpus, "runtime_env": {"env_vars": env}},
       health_check_period_s=10, graceful_shutdown_timeout_s=120, **scaling)
 
