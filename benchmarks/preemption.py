@@ -45,8 +45,9 @@ MESSAGE = re.compile(r"^dcmodel: (SIGTERM|SIGINT): stopped at step (\d+) of (\d+
                      r"run the same command to resume$")
 
 
-def command(workdir: Path, steps: int, processes: int = 1, log_every: int = 1) -> list[str]:
+def command(workdir: Path, steps: int, processes: int = 1, log_every: int = 1, batch: int | None = None) -> list[str]:
   experiment = [str(EXPERIMENT_2), *SLOW] if processes > 1 else [str(EXPERIMENT)]
+  experiment += ["--set", f"data.global_batch_size={batch}"] if batch else []
   args = [*experiment, "--workdir", str(workdir), "--set", f"train.steps={steps}", "--set", f"train.log_every={log_every}",
           "--set", "checkpoint.every_steps=10", "--set", "train.progress=false"]
   head = ["launch", "--processes", str(processes)] if processes > 1 else ["train"]
@@ -145,20 +146,21 @@ def bitwise_equal(a_dir: Path, b_dir: Path, step: int) -> bool:
       np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def stops(tmp: Path, name: str, signals: list[int], processes: int, rng: random.Random) -> dict:
+def stops(tmp: Path, name: str, signals: list[int], processes: int, rng: random.Random, batch: int | None = None,
+          tail: int = 40) -> dict:
   """One stop per signal of `signals`, each in its own launch of one workdir's run, then a last
   launch to the end, against a run left alone."""
-  steps = 12 * len(signals) + 40     # room after the last stop: a signal after the final step stops nothing
+  steps = 12 * len(signals) + tail   # room after the last stop: a signal after the final step stops nothing
   ref, work = tmp / f"{name}-ref", tmp / name
-  done = run(command(ref, steps, processes))
+  done = run(command(ref, steps, processes, batch=batch))
   assert done.returncode == 0, done.stderr[-3000:]
   results, reached = [], 0
   for i, sig in enumerate(signals):
     target = reached + rng.randint(3, 10)
-    results.append(interrupt(command(work, steps, processes), work, sig, target, rng.uniform(0.0, 0.5), tmp / f"{name}-{i}.log"))
+    results.append(interrupt(command(work, steps, processes, batch=batch), work, sig, target, rng.uniform(0.0, 0.5), tmp / f"{name}-{i}.log"))
     reached = results[-1]["stopped_at"] or reached
     print(f"{name} stop {i + 1}: {results[-1]}", flush=True)
-  last = run(command(work, steps, processes))
+  last = run(command(work, steps, processes, batch=batch))
   logged = logged_steps(work)
   out = {"runs": results, "steps": steps, "final_exit": last.returncode,
          "every_step_logged_once": logged == list(range(1, steps + 1)),
@@ -209,7 +211,16 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true", help="fewer moments (2 / 1 / 2)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--two-process-batch", type=int, default=None,
+                 help="only the 2-process SIGTERM trials, the GPT at this global batch (128: ~2 s steps here)")
   args = p.parse_args(argv)
+  if args.two_process_batch:
+    with tempfile.TemporaryDirectory(prefix="dcmodel-preemption-") as tmp:
+      out = stops(Path(tmp), "term2", [signal.SIGTERM] * 5, 2, random.Random(args.seed), args.two_process_batch, tail=15)
+    from benchmarks.common import write
+    write(f"preemption_2proc_batch{args.two_process_batch}", {"sigterm_2_processes": out, "batch": args.two_process_batch})
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}))
+    return 0 if all(o is not None and abs(o) <= 1 for o in out["off_by"]) and out["bitwise_equal_to_uninterrupted"] else 1
   rng = random.Random(args.seed)
   counts = (2, 1, 2) if args.quick else (5, 5, 10)
   t0 = time.time()
