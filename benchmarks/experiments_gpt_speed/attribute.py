@@ -17,8 +17,11 @@ import collections
 import glob
 import gzip
 import json
+import os
 import re
 import sys
+
+from benchmarks.experiments_gpt_speed import xla_ops  # sets the traceme flag before jax loads
 
 
 def _instructions(hlo: str):
@@ -121,20 +124,38 @@ def attribute(trace_dir: str, hlo: str, calls: int) -> dict:
           "top_ops_ms": {f"{k} [{classify(k, insts[k])}] {insts[k][0]}": v / 1e3 / calls for k, v in by_op.most_common(25)}}
 
 
-def main():
-  trace_dir, hlo_file = sys.argv[1], sys.argv[2]
-  calls = int(sys.argv[3]) if len(sys.argv) > 3 else 2
-  out = attribute(trace_dir, open(hlo_file).read(), calls)
+def attribute_step(step, state, batch, hlo: str, name: str, raw: str = "benchmarks/results/raw", calls: int = 2) -> dict:
+  """Profile `calls` calls of a jitted step (xla_ops.profile) and attribute them with its HLO;
+  writes RAW/NAME.hlo and the trace under RAW/trace_NAME."""
+  os.makedirs(raw, exist_ok=True)
+  open(f"{raw}/{name}.hlo", "w").write(hlo)
+  holder = [state]
+
+  def run(b):
+    holder[0], out = step(holder[0], b)
+    return out
+
+  xla_ops.profile(run, (batch,), calls=calls, trace_dir=f"{raw}/trace_{name}")
+  return attribute(f"{raw}/trace_{name}", hlo, calls)
+
+
+def report(out: dict, scope_min_ms: float = 2.0, top: int = 25) -> None:
   print(f"step wall (ThunkExecutor::Execute) {out['wall_ms']:.0f} ms per call")
   for k, v in out["by_class_ms"].items():
     print(f"  {k:45s} {v:8.1f} ms  {v / out['wall_ms']:6.1%}")
   print("by model part:")
   for k, v in out["by_scope_ms"].items():
-    if v >= 2:
-      print(f"  {k:50s} {v:8.1f} ms")
+    if v >= scope_min_ms:
+      print(f"  {k:60s} {v:8.1f} ms")
   print("largest ops:")
-  for k, v in out["top_ops_ms"].items():
+  for k, v in list(out["top_ops_ms"].items())[:top]:
     print(f"  {k[:110]:110s} {v:7.1f} ms")
+
+
+def main():
+  trace_dir, hlo_file = sys.argv[1], sys.argv[2]
+  calls = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+  report(attribute(trace_dir, open(hlo_file).read(), calls))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,7 @@ writes benchmarks/results/raw/NAME.hlo and the trace under benchmarks/results/ra
 import json
 import sys
 
-from benchmarks.experiments_gpt_speed import xla_ops  # sets the traceme flag before jax loads
-from benchmarks.experiments_gpt_speed import attribute, bare_gpt
+from benchmarks.experiments_gpt_speed import attribute, bare_gpt  # attribute imports xla_ops first (traceme flag)
 
 import jax  # noqa: E402
 
@@ -16,29 +15,13 @@ def main():
   k = {**bare_gpt.DEFAULTS, **knobs}
   if k["impl"] == "dcmodel":
     step, state, batch = bare_gpt.dcmodel_step(k)
-    hlo = None
   else:
     step, tx = bare_gpt.make_step(k)
     params = bare_gpt.init(k, jax.random.key(0))
     state = (params, tx.init(params))
     batch = bare_gpt.batch_for(k)
-    hlo = step.lower(state, batch).compile().as_text()
-  raw = "benchmarks/results/raw"
-  open(f"{raw}/{name}.hlo", "w").write(hlo)
-  holder = [state]
-
-  def run(b):
-    holder[0], out = step(holder[0], b)
-    return out
-
-  xla_ops.profile(run, (batch,), calls=2, trace_dir=f"{raw}/trace_{name}")
-  out = attribute.attribute(f"{raw}/trace_{name}", hlo, 2)
-  print(f"step wall {out['wall_ms']:.0f} ms per call")
-  for c, v in out["by_class_ms"].items():
-    print(f"  {c:45s} {v:8.1f} ms  {v / out['wall_ms']:6.1%}")
-  for c, v in list(out["top_ops_ms"].items())[:15]:
-    print(f"  {c[:110]:110s} {v:7.1f} ms")
-
+  hlo = step.lower(state, batch).compile().as_text()
+  attribute.report(attribute.attribute_step(step, state, batch, hlo, name), top=15)
 
 if __name__ == "__main__":
   main()

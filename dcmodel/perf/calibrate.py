@@ -56,16 +56,21 @@ class HostCalibration:
     return cls(**json.loads(Path(path).read_text()))
 
 
+def _split(devices=None) -> tuple[NamedSharding, int]:
+  """The sharding that splits an array's leading axis over `devices` (default all), and their count."""
+  devices = list(jax.devices() if devices is None else devices)
+  return NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("d",)), P("d")), len(devices)
+
+
 def matmul_peak(sizes=(512, 1024, 2048), dtype=jnp.float32, devices=None) -> float:
   """FLOP/s of the fastest square matmul, batched over every device (each multiplies its own);
   `devices` (default all) may be this process's own, which needs no other process."""
-  devices = list(jax.devices() if devices is None else devices)
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+  split, count = _split(devices)
   best = 0.0
   for n in sizes:
-    a = jax.device_put(jnp.ones((len(devices), n, n), dtype), NamedSharding(mesh, P("d")))
+    a = jax.device_put(jnp.ones((count, n, n), dtype), split)
     f = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x))
-    best = max(best, 2 * len(devices) * n ** 3 / _median_time(f, a))
+    best = max(best, 2 * count * n ** 3 / _median_time(f, a))
   return best
 
 
@@ -76,14 +81,14 @@ def matmul_half_dim(peak: float, widths=(16, 32, 64, 128, 256), depth: int = SHA
   """Fit the matmul efficiency curve n / (n + h) to matmuls (depth x depth) @ (depth x n) that
   are narrow in one output dimension, relative to the wide rate `peak`: h = n (peak/rate - 1)
   at each width, the median over widths."""
-  mesh = jax.make_mesh((jax.device_count(),), ("d",))
+  split, count = _split()
   f = jax.jit(lambda a, b: jnp.einsum("bij,bjk->bik", a, b))
-  a = jax.device_put(jnp.ones((jax.device_count(), depth, depth), jnp.float32), NamedSharding(mesh, P("d")))
-  wide = 2 * jax.device_count() * depth ** 3 / _median_time(f, a, a)
+  a = jax.device_put(jnp.ones((count, depth, depth), jnp.float32), split)
+  wide = 2 * count * depth ** 3 / _median_time(f, a, a)
   estimates = []
   for n in widths:
-    b = jax.device_put(jnp.ones((jax.device_count(), depth, n), jnp.float32), NamedSharding(mesh, P("d")))
-    rate = 2 * jax.device_count() * depth * depth * n / _median_time(f, a, b, repeats=9)
+    b = jax.device_put(jnp.ones((count, depth, n), jnp.float32), split)
+    rate = 2 * count * depth * depth * n / _median_time(f, a, b, repeats=9)
     estimates.append(n * (wide / rate - 1))
   return float(max(np.median(estimates), 0.0))
 
@@ -92,10 +97,9 @@ def memory_bandwidth(mib: int = 256, devices=None) -> float:
   """Bytes/s of x -> 2x over an array split across the devices (default all), each byte read once
   and written once into a fresh buffer, as a step's temporaries are (on a CPU host that includes
   the page faults of new memory, which in-place updates avoid). Median of 9 runs."""
-  devices = list(jax.devices() if devices is None else devices)
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
-  n = mib * 2 ** 20 // 4 // len(devices) * len(devices)
-  x = jax.device_put(jnp.ones((n,), jnp.float32), NamedSharding(mesh, P("d")))
+  split, count = _split(devices)
+  n = mib * 2 ** 20 // 4 // count * count
+  x = jax.device_put(jnp.ones((n,), jnp.float32), split)
   f = jax.jit(lambda v: v * 2.0)
   return 2 * 4 * n / _median_time(f, x, repeats=9)
 
@@ -103,9 +107,9 @@ def memory_bandwidth(mib: int = 256, devices=None) -> float:
 def read_bandwidth(mib: int = 256) -> float:
   """Bytes/s of summing an array split across the devices: each byte read once, nothing written
   (the traffic of reading weights and a KV cache in decoding). Median of 9 runs."""
-  mesh = jax.make_mesh((jax.device_count(),), ("d",))
-  n = mib * 2 ** 20 // 4 // jax.device_count() * jax.device_count()
-  x = jax.device_put(jnp.ones((n,), jnp.float32), NamedSharding(mesh, P("d")))
+  split, count = _split()
+  n = mib * 2 ** 20 // 4 // count * count
+  x = jax.device_put(jnp.ones((n,), jnp.float32), split)
   return 4 * n / _median_time(jax.jit(jnp.sum), x, repeats=9)
 
 
