@@ -1,6 +1,7 @@
 """Every zoo model under every layout that applies equals its single-device run."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -222,6 +223,24 @@ def test_cnn_matmul_convolution_equals_xla_in_values_and_gradients(kernel_size):
   np.testing.assert_allclose(results["matmul"][0], results["xla"][0], rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), results["matmul"][1], results["xla"][1])
   assert conv_function("auto") is conv_function("matmul" if jax.default_backend() == "cpu" else "xla")
+
+
+def test_argmax_equals_jnp_argmax_with_ties_and_nans():
+  """layers.argmax (a max and a min, which XLA:CPU vectorizes) is jnp.argmax: the first index of
+  the maximum, of the first NaN when there is one, along any axis, and int32; also jitted over a
+  sharded array."""
+  from dcmodel.models.layers import argmax
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 5, (6, 7, 33)).astype(np.float32)      # few values: many ties
+  x[1, 2, 4] = x[3, 0, 30] = np.nan
+  x[2, 5, :] = -np.inf
+  for axis in (-1, 0, 1):
+    got = np.asarray(argmax(x, axis))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(x, axis)))
+  mesh = jax.make_mesh((8,), ("data",))
+  logits = jax.device_put(rng.normal(size=(16, 256)).astype(np.float32), jax.NamedSharding(mesh, jax.P("data")))
+  np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(logits)), np.asarray(jnp.argmax(logits, -1)))
 
 
 @pytest.mark.parametrize("layout", [("mesh.data=1", "model.mlp=gelu", "model.tie_embeddings=true"),

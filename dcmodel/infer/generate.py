@@ -21,7 +21,7 @@ from dcmodel import resources
 from dcmodel.data.tokenizers import ByteTokenizer
 from dcmodel.errors import UserError
 from dcmodel.mesh import batch_divisor, replicated
-from dcmodel.models.layers import DTYPES
+from dcmodel.models.layers import DTYPES, argmax
 from dcmodel.perf.accounting import kv_cache_bytes
 from dcmodel.train.state import Placed
 
@@ -45,7 +45,7 @@ class Sampling:
 def pick(logits, key, sampling: Sampling):
   """Next tokens from (batch, vocab) logits: argmax, or a draw at a temperature from the top k."""
   if sampling.temperature == 0:
-    return jnp.argmax(logits, -1).astype(jnp.int32)
+    return argmax(logits)
   logits = logits / sampling.temperature
   if sampling.top_k:
     kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
@@ -157,5 +157,5 @@ def greedy_by_recompute(graphdef, state, prompt: bytes, max_new_tokens: int, tok
   seq[0, :n] = ids
   forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)[0](t))
   for i in range(max_new_tokens):
-    seq[0, n + i] = int(jnp.argmax(forward(state, seq)[0, n + i - 1]))
+    seq[0, n + i] = int(jnp.argmax(forward(state, seq)[0, n + i - 1]))   # the reference: jnp's own argmax
   return seq[0, n:]

@@ -1,5 +1,5 @@
 """Small shared pieces: initializers that carry logical-axis annotations, compute dtypes, and
-convolution as one matmul."""
+the formulations XLA:CPU runs fastest (matmul, argmax, convolution as one matmul)."""
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,20 @@ def _nn_matmul_bwd(res, dy):
 
 
 _nn_matmul.defvjp(_nn_matmul_fwd, _nn_matmul_bwd)
+
+
+def argmax(x, axis: int = -1):
+  """`jnp.argmax(x, axis)` as int32 (the first index of the maximum; of the first NaN if any),
+  written as a max and a min over the indices that reach it.
+
+  Why: jnp.argmax lowers to one reduce over (value, index) pairs, which XLA:CPU runs as a scalar
+  loop; two plain reduces vectorize. Measured on this host (one device): 16 x 256 logits 35 us ->
+  8-12 us (a serving decode step's pick), 8 x 32,000 637 -> 201 us, 4,096 x 256 (a GPT train
+  step's accuracy) 2.4 -> 0.76 ms."""
+  top = jnp.max(x, axis, keepdims=True)
+  hit = (x == top) | jnp.isnan(x)
+  index = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
+  return jnp.min(jnp.where(hit, index, x.shape[axis]), axis)
 
 
 def dense(d_in: int, d_out: int, axes: tuple, *, rngs, use_bias: bool = True, dtype=None, init=None):

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from dcmodel.mesh import batch_divisor, check_batch, constrain, replicated
+from dcmodel.models.layers import argmax
 from dcmodel.models.transformer import KVCache
 from dcmodel.train.state import Placed
 
@@ -161,7 +162,7 @@ def sample(logits, temperature, top_k, top_p, seeds, counts):
   """Next token per row from (rows, vocab) logits, with each row's own sampling: the argmax
   where temperature is 0; else a draw at the temperature from the top-k tokens, cut further to
   the smallest set holding top-p of the probability, keyed by (seed, token index)."""
-  greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+  greedy = argmax(logits)
 
   def draw(_):
     vocab = logits.shape[-1]

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 
 from dcmodel.errors import UserError
+from dcmodel.models.layers import argmax
 
 
 def _masked(per_example, correct, mask):
@@ -21,7 +22,7 @@ def classification_rows(logits, batch):
   """Per-example loss, predicted class, its probability and all class probabilities."""
   logits = logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, -1)
-  pred = jnp.argmax(logits, -1).astype(jnp.int32)
+  pred = argmax(logits)
   return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]), "pred": pred,
           "score": jnp.max(probs, -1), "probs": probs}
 
@@ -51,7 +52,7 @@ def lm(logits, batch):
   weighted targets, so bits per byte = nats / ln 2 / bytes for any tokenizer."""
   per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"].astype(jnp.int32))
   weights = batch["weights"] * batch["mask"][:, None]
-  correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+  correct = (argmax(logits) == batch["y"]).astype(jnp.float32)
   loss, sums = _masked(per_token, correct, weights)
   return loss, {**sums, "bytes": jnp.sum(batch["target_bytes"] * weights), "rows": jnp.sum(batch["mask"])}
 
