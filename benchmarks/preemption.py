@@ -8,13 +8,16 @@
   an uninterrupted run's, and metrics.jsonl must hold every step exactly once (no step lost or
   redone). One process: the signal goes to the `dcmodel train` process; two processes: to the
   `dcmodel launch --processes 2` process, which passes it on (JAX's preemption sync then stops
-  both at the same step, about a second of steps after the signal: its notifier polls once a second).
+  both at the same step). `--at-checkpoint` sends each signal right after a checkpoint step is
+  logged, so it lands while that checkpoint is written, in a run resumed from the last stop.
 - Two concurrent runs on one workdir: the second is refused with the holder's pid and host; the
   first finishes bitwise equal to a run alone. A lock left by a run killed with SIGKILL does not
   block the next run.
 
 Run: python -m benchmarks.preemption [--quick]   (full: SIGTERM x5 on 1 process, SIGTERM x5 on
 2 processes, SIGINT x10 on 1 process; --quick: 2, 1 and 2). Writes results/preemption.json.
+Only the 2-process SIGTERM x5: --two-process (the GPT's batch, ~1 s steps) or --two-process-batch
+128 (~2 s steps), each with or without --at-checkpoint; writes results/preemption_2proc*.json.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "digits_cnn.py"
-# Two processes stop at JAX's preemption sync point: the first step boundary after its notifier,
-# which polls once a second, has seen the signal. A step of about a second (as real training steps
-# are) puts that at the step in flight or the next; the CNN's 20-50 ms steps would put it tens of
-# steps later. So the two-process trials run the default GPT (~1 s a step on 2 processes here).
+# Two processes stop at JAX's preemption sync point: the next count of calls past every process's
+# current one once the notice is in the coordination service (a few ms after the first check
+# that follows the signal). With the CNN's 20-50 ms steps the processes may pass a step or two
+# meanwhile; real steps are longer, so the two-process trials run the default GPT (~1 s a step on
+# 2 processes here).
 EXPERIMENT_2 = ROOT / "experiments" / "stdlib_gpt.py"
 SLOW = ["--set", "train.eval_every=0", "--set", "train.final_eval=false"]
 CHECKPOINT_EVERY = 10

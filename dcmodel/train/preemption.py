@@ -15,7 +15,7 @@ keeps the last number passed, so a step number beside our count once moved the a
 steps late); once a notice of preemption is in the coordination service, the processes agree on
 the next count past every process's current one. The notice is posted by the first check after
 a signal arrives, on the process that got it, the way JAX's own SIGTERM notifier posts it
-(`notice_key`): that notifier polls its flag once a second, which at one-second steps put the
+(`NOTICE_KEY`): that notifier polls its flag once a second, which at one-second steps put the
 stop two steps past the step in flight. So the recording handler holds SIGTERM here too, on
 every process; a SIGTERM that reaches JAX's handler before ours is installed (between
 `jax.distributed.initialize` and the run) is posted by JAX's notifier instead, a second later.
