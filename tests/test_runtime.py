@@ -165,6 +165,17 @@ def test_signal_before_the_first_step_stops_cleanly_with_nothing_to_save(tmp_pat
   assert signal.getsignal(signal.SIGINT) is before       # the handlers are restored
 
 
+def test_only_the_preemption_hook_asks_jaxs_sync_point(tmp_path, monkeypatch):
+  """JAX's preemption sync manager takes the last number passed to it as the process's count;
+  Orbax's manager passed its checkpoint steps (in save and from its finalize thread), which on a
+  resumed run moved the agreed stop 11 steps late. Checkpoints must not call it at all."""
+  from jax.experimental import multihost_utils
+  calls = []
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: calls.append(step) or False)
+  result = train(cnn(), tmp_path / "w")
+  assert result.saved_step == 12 and calls == []
+
+
 def test_a_hook_can_stop_the_run_and_it_still_checkpoints(tmp_path):
   class StopAt5(hooks_lib.Hook):
     schedule = hooks_lib.Schedule(every_steps=1)
@@ -249,10 +260,12 @@ def test_sigterm_and_sigint_at_random_moments_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_two_processes(tmp_path):
-  out = driver.stops(tmp_path, "w", [signal.SIGTERM], 2, random.Random(2))
+def test_sigterm_two_processes_during_checkpoint_writes(tmp_path):
+  """Two launches of a 2-process run, each signalled right after a checkpoint step is logged (the
+  second a run resumed at the first stop): both processes stop at the step in flight (+-1)."""
+  out = driver.stops(tmp_path, "w", [signal.SIGTERM] * 2, 2, random.Random(2), tail=6, at_checkpoint=True)
   assert out["all_exits_conventional"] and out["all_messages_clean"] and out["all_checkpoints_saved"], out
-  assert all(o >= 0 for o in out["off_by"]), out     # both processes at the same step, about a second later
+  assert all(abs(o) <= 1 for o in out["off_by"]), out
   assert out["every_step_logged_once"] and out["bitwise_equal_to_uninterrupted"], out
 
 

@@ -8,25 +8,33 @@ checkpoint at that step), and the command exits with 128 + the signal (130 for S
 SIGTERM). A second signal changes nothing: the first is being acted on.
 
 Several processes stop at the same step through JAX's preemption sync manager, which
-`jax.distributed.initialize` sets up: its notifier owns SIGTERM (a C handler installed at
-initialize; a Python handler installed after it would replace it, so none is), and every
-process calls `multihost_utils.reached_preemption_sync_point` with its count of calls; once any
-process has a notice, all agree on the next count past every process's current one (the notifier
-polls once a second, so that is about a second of steps later). SIGINT, which JAX does not watch,
-is recorded and re-sent to this process as SIGTERM, into the same path. Orbax's own preemption
-policy reads the same sync point; dcmodel saves through its checkpoint hook instead.
+`jax.distributed.initialize` sets up. Every process calls
+`multihost_utils.reached_preemption_sync_point` with its count of calls, once per call and from
+nowhere else (the checkpointer keeps Orbax from calling it with checkpoint steps: the manager
+keeps the last number passed, so a step number beside our count once moved the agreed stop 11
+steps late); once a notice of preemption is in the coordination service, the processes agree on
+the next count past every process's current one. The notice is posted by the first check after
+a signal arrives, on the process that got it, the way JAX's own SIGTERM notifier posts it
+(`NOTICE_KEY`): that notifier polls its flag once a second, which at one-second steps put the
+stop two steps past the step in flight. So the recording handler holds SIGTERM here too, on
+every process; a SIGTERM that reaches JAX's handler before ours is installed (between
+`jax.distributed.initialize` and the run) is posted by JAX's notifier instead, a second later.
 """
 
 from __future__ import annotations
 
-import os
+import datetime
 import signal
 import threading
 
 import jax
+from jax._src import distributed      # its coordination-service client, as multihost_utils and Orbax reach it
 from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The coordination-service key JAX's preemption sync manager watches; its value is the death time
+# (RFC 3339). kPreemptionNoticeKey in xla/tsl/distributed_runtime/preemption/preemption_sync_manager.cc.
+NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
 _received: list[int] = []            # the signals seen, first first (appending is safe in a handler)
 
 
@@ -36,22 +44,17 @@ def _synced() -> bool:
 
 
 def _record(signum, frame) -> None:
-  first = not _received
   _received.append(signum)
-  if first and signum != signal.SIGTERM and _synced():
-    os.kill(os.getpid(), signal.SIGTERM)     # into the sync manager's notifier, like a preemption
 
 
 class Signals:
   """While entered (in the main thread), SIGTERM and SIGINT are recorded instead of killing or
-  raising KeyboardInterrupt; the previous handlers come back on exit. Nested entries (the CLI
-  around train()) share the outer one's record. Entered after jax.distributed.initialize, it
-  leaves SIGTERM to JAX's notifier, and hands it a SIGTERM recorded before."""
+  raising KeyboardInterrupt; the previous handlers come back when the outermost entry exits.
+  Nested entries (the CLI around train()) share the outer one's record, and take SIGTERM back
+  from JAX's notifier when jax.distributed.initialize ran in between (the CLI's order)."""
 
   _depth = 0
-
-  def __init__(self):
-    self._previous = {}
+  _previous: dict = {}
 
   def __enter__(self) -> "Signals":
     if threading.current_thread() is not threading.main_thread():
@@ -59,21 +62,21 @@ class Signals:
     Signals._depth += 1
     if Signals._depth == 1:
       _received.clear()
-      for signum in SIGNALS:
-        if signum == signal.SIGTERM and _synced():
-          continue                            # JAX's notifier has it (see the module doc)
-        self._previous[signum] = signal.signal(signum, _record)
-    elif _synced() and _received:
-      os.kill(os.getpid(), signal.SIGTERM)    # recorded before JAX's notifier was installed: pass it on
+      Signals._previous = {signum: signal.signal(signum, _record) for signum in SIGNALS}
+    elif _synced():
+      signal.signal(signal.SIGTERM, _record)
     return self
 
   def __exit__(self, *exc) -> None:
     if threading.current_thread() is not threading.main_thread():
       return
     Signals._depth -= 1
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-    self._previous = {}
+    if Signals._depth == 0:
+      for signum, handler in Signals._previous.items():
+        # None: a handler set outside Python (JAX's notifier, entered after initialize), which
+        # Python cannot put back; the default (terminate) is what a signal after the run should do.
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+      Signals._previous = {}
 
 
 def received() -> int | None:
@@ -87,13 +90,28 @@ class Watch:
 
   def __init__(self):
     self.synced = _synced()
+    self.posted = False
 
   def stop_signal(self, calls: int) -> int | None:
-    if self.synced:
-      if multihost_utils.reached_preemption_sync_point(calls):
-        return received() or signal.SIGTERM    # SIGTERM: here or on another process
-      return None
-    return _received[0] if _received else None
+    if not self.synced:
+      return received()
+    if _received and not self.posted:
+      self.posted = True
+      post_notice()
+    if multihost_utils.reached_preemption_sync_point(calls):
+      return received() or signal.SIGTERM    # SIGTERM: here or on another process
+    return None
+
+
+def post_notice() -> None:
+  """Start every process's preemption sync now: the notice JAX's SIGTERM notifier posts (up to a
+  second after the signal), posted at once. Another process's notice already there is the same."""
+  death = datetime.datetime.now(datetime.timezone.utc).isoformat()
+  try:
+    distributed.global_state.client.key_value_set(NOTICE_KEY, death)
+  except Exception as e:   # the client's error type is jaxlib's, not exported
+    if "ALREADY_EXISTS" not in str(e):
+      raise
 
 
 def name(signum: int) -> str:
