@@ -246,13 +246,14 @@ class TimeBudget(Hook):
 
 
 def standard(run) -> list[Hook]:
-  """The hooks every run has, in the order they act on a step: the preemption check (so a stop
-  is known to the others at the same step), metrics, evaluation, checkpoint, the profiler, then
-  the progress bar (which shows the metrics just taken)."""
+  """The hooks every run has, in the order they act on a step: metrics, the preemption check
+  (after the metrics' wait for the step, in which a signal most likely lands: several processes
+  then agree on a stop at most one call later; and before the hooks a stop changes), evaluation,
+  checkpoint, the profiler, then the progress bar (which shows the metrics just taken)."""
   cfg = run.cfg
-  hooks = [Preemption()]
+  hooks = [Metrics(cfg.train.log_every), Preemption()]
   hooks += [TimeBudget(cfg.train.max_seconds)] if cfg.train.max_seconds else []
-  hooks += [Metrics(cfg.train.log_every), Eval(cfg.train.eval_every, cfg.train.final_eval)]
+  hooks += [Eval(cfg.train.eval_every, cfg.train.final_eval)]
   if run.checkpointer is not None:
     hooks.append(Checkpoint(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds, cfg.train.log_every))
   span = profile_steps(cfg.train)

@@ -13,11 +13,12 @@ Several processes stop at the same step through JAX's preemption sync manager, w
 nowhere else (the checkpointer keeps Orbax from calling it with checkpoint steps: the manager
 keeps the last number passed, so a step number beside our count once moved the agreed stop 11
 steps late); once a notice of preemption is in the coordination service, the processes agree on
-the next count past every process's current one. The notice is posted by the first check after
-a signal arrives, on the process that got it, the way JAX's own SIGTERM notifier posts it
-(`NOTICE_KEY`): that notifier polls its flag once a second, which at one-second steps put the
-stop two steps past the step in flight. So the recording handler holds SIGTERM here too, on
-every process; a SIGTERM that reaches JAX's handler before ours is installed (between
+the next count past every process's current one. The notice is posted by the recording handler
+itself (it runs as soon as the main thread is back from the wait it was in), on the process that
+got the signal, the way JAX's own SIGTERM notifier posts it (`NOTICE_KEY`): that notifier polls
+its flag once a second, which at one-second steps put the stop two steps past the step in flight,
+and posting at the next check instead let the other process count a call more first (measured:
+off by 2 in 2 of 5). So the recording handler holds SIGTERM here too, on every process; a SIGTERM that reaches JAX's handler before ours is installed (between
 `jax.distributed.initialize` and the run) is posted by JAX's notifier instead, a second later.
 """
 
@@ -36,6 +37,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # (RFC 3339). kPreemptionNoticeKey in xla/tsl/distributed_runtime/preemption/preemption_sync_manager.cc.
 NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
 _received: list[int] = []            # the signals seen, first first (appending is safe in a handler)
+_posted: list[bool] = []             # the preemption notice is in the coordination service
 
 
 def _synced() -> bool:
@@ -44,7 +46,14 @@ def _synced() -> bool:
 
 
 def _record(signum, frame) -> None:
+  first = not _received
   _received.append(signum)
+  if first and _synced():
+    try:
+      post_notice()
+    except Exception:     # never raise into whatever the main thread was doing: Watch posts it then
+      return
+    _posted.append(True)
 
 
 class Signals:
@@ -62,6 +71,7 @@ class Signals:
     Signals._depth += 1
     if Signals._depth == 1:
       _received.clear()
+      _posted.clear()
       Signals._previous = {signum: signal.signal(signum, _record) for signum in SIGNALS}
     elif _synced():
       signal.signal(signal.SIGTERM, _record)
@@ -90,13 +100,12 @@ class Watch:
 
   def __init__(self):
     self.synced = _synced()
-    self.posted = False
 
   def stop_signal(self, calls: int) -> int | None:
     if not self.synced:
       return received()
-    if _received and not self.posted:
-      self.posted = True
+    if _received and not _posted:
+      _posted.append(True)
       post_notice()
     if multihost_utils.reached_preemption_sync_point(calls):
       return received() or signal.SIGTERM    # SIGTERM: here or on another process
