@@ -1,5 +1,6 @@
-"""Does the train loop's CPU compiler option (dcmodel.train.step.CPU_COMPILER_OPTIONS: YNNPACK fuses
-dots only) slow the documents' small models? The peers benchmark's bare step (peers.run_xla) for
+"""Would the transformers' CPU compiler option (TransformerConfig.CPU_COMPILER_OPTIONS: YNNPACK
+fuses dots only) slow the documents' small models? (It did the CNN, 0.81x, so it is the
+transformers' only.) The peers benchmark's bare step (peers.run_xla) for
 the MLP, CNN and recommender, each run in a fresh process with and without the option in
 XLA_FLAGS, alternating over rounds.
 
@@ -17,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import peers
-from dcmodel.train.step import CPU_COMPILER_OPTIONS
+from dcmodel.models.transformer import TransformerConfig
+
+CPU_COMPILER_OPTIONS = TransformerConfig.CPU_COMPILER_OPTIONS
 
 CHILD = ("import json, sys; from pathlib import Path; from benchmarks import peers; "
          "m, d = sys.argv[1], Path(sys.argv[2]); print(json.dumps(peers.run_xla(m, d, peers.MODELS[m][1])['examples_per_s']))")
