@@ -42,10 +42,11 @@ def random_batch(cfg, rng=None) -> dict:
           "weights": np.ones((b, t), np.float32), "target_bytes": np.ones((b, t), np.float32), "mask": np.ones((b,), np.float32)}
 
 
-def step_and_batch(cfg, inputs=None):
-  """dcmodel's jitted train step on one device and a device-resident batch. `inputs`: the model
-  inputs the step passes (default the batch spec's: x, segment_ids, positions)."""
-  placed = state_lib.place(cfg, jax.devices()[:1])
+def step_and_batch(cfg, inputs=None, devices: int = 1):
+  """dcmodel's jitted train step on `devices` devices (the config's mesh must fit them) and a
+  device-resident batch. `inputs`: the model inputs the step passes (default the batch spec's:
+  x, segment_ids, positions)."""
+  placed = state_lib.place(cfg, jax.devices()[:devices])
   with placed.context():
     state = placed.init()
     data = placed.data_sharding

@@ -7,6 +7,7 @@ A family registers its config dataclass; the config knows how to build its NNX m
 from __future__ import annotations
 
 import difflib
+from typing import ClassVar
 
 from dcmodel.errors import UserError
 
@@ -16,6 +17,9 @@ _CONFIGS: dict[str, type] = {}
 class ModelConfig:
   """What every family's config has beside its fields: the batch it declares (`batch_spec()`,
   defined by the family) and, from it, the shape of one input example."""
+
+  # XLA:CPU compiler options for this family's train program (the loop's; train/step.on_leaves)
+  CPU_COMPILER_OPTIONS: ClassVar[dict] = {}
 
   def input_shape(self) -> tuple[int, ...]:
     return self.batch_spec().fields["x"].shape

@@ -50,6 +50,12 @@ class TransformerConfig(ModelConfig):
   attention: str = "auto"          # auto | xla | cudnn | splash: the kernel (models/attention.py)
   name: ClassVar[str]
   COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ("remat", "attention")   # a checkpoint resumes under any of these
+  # YNNPACK takes the dots only: its default also fuses reductions with their elementwise neighbours
+  # (the norms' backward), whose broadcast operands XLA then materializes as (batch, length, width)
+  # arrays. The benchmark GPT's step: 1.038x (paired median of 10 interleaved rounds, three runs
+  # 1.034-1.038; loss equal to 4e-7; experiments_gpt_speed/dc_variants.py ynn_dot). Not for every
+  # family: the documents' CNN ran 0.81x with it (experiments_gpt_speed/small_opts.py).
+  CPU_COMPILER_OPTIONS: ClassVar[dict] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
   @property
   def kv_heads(self) -> int:

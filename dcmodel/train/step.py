@@ -10,6 +10,11 @@ from flax import nnx
 from dcmodel.mesh import replicated
 from dcmodel.train.tasks import PER_EXAMPLE
 
+def compiler_options(cpu_options: dict | None, sharding) -> dict | None:
+  """`cpu_options` (a model family's CPU_COMPILER_OPTIONS) if the batch placed by `sharding` is on
+  CPU devices, else none."""
+  return (cpu_options or None) if sharding.mesh.devices.flat[0].platform == "cpu" else None
+
 
 def _grads(model, task_fn, batch, inputs, accum: int, key=None):
   """(loss, metric sums, grads w.r.t. the Params); with accum > 1, averaged over `accum`
@@ -89,20 +94,23 @@ def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=(
                  out_shardings=(state_shardings, rep), donate_argnums=0)
 
 
-def on_leaves(step, state_shardings, batch_sharding):
+def on_leaves(step, state_shardings, batch_sharding, cpu_options: dict | None = None):
   """`step` over the state's leaves, a list of arrays, in the same shardings, adding its metric
   sums into running totals on the device: (leaves, totals, batch) -> (leaves, totals).
 
   jit flattens a list in C++ but an nnx.State's Variables in Python (~140 us per call for a
   21-leaf state here), and fetching every step's sums cost ~110 us per step; the recommender MLP
-  at one step per call ran 58k examples/s with both. `zero_totals` starts a window."""
+  at one step per call ran 58k examples/s with both. `zero_totals` starts a window. `cpu_options`:
+  XLA compiler options for this program on CPU (the model family's CPU_COMPILER_OPTIONS)."""
   treedef = jax.tree.structure(state_shardings)
   def leaf_step(leaves, totals, batch):
     state, sums = step(jax.tree.unflatten(treedef, leaves), batch)
     return jax.tree.leaves(state), jax.tree.map(jnp.add, totals, sums)
   leaf_shardings, rep = jax.tree.leaves(state_shardings), replicated(batch_sharding.mesh)
+  # the loop's program: compiler options go on this top-level jit (jax refuses them on a nested one)
   return jax.jit(leaf_step, in_shardings=(leaf_shardings, rep, batch_sharding),
-                 out_shardings=(leaf_shardings, rep), donate_argnums=0)
+                 out_shardings=(leaf_shardings, rep), donate_argnums=0,
+                 compiler_options=compiler_options(cpu_options, batch_sharding))
 
 
 def zero_totals(step, state, batch):
