@@ -232,3 +232,34 @@ def test_auto_lowers_splash_for_tpu():
   assert lowered(attn, q, k, v, platform="tpu").count("tpu_custom_call") == 1
   grad = jax.grad(lambda q, k, v: attn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
   assert lowered(grad, q, k, v, platform="tpu").count("tpu_custom_call") == 3
+
+
+# --- XLA's causal self-attention as two query halves ------------------------------------------
+
+@pytest.mark.parametrize("length, segments", [(128, False), (256, True)], ids=["causal128", "causal256+segments"])
+def test_causal_halves_equal_dot_product_attention_forward_and_gradients(length, segments):
+  """attend(impl="xla") on a causal self-attention of length >= CAUSAL_HALVES_MIN runs as two
+  query halves; it is jax.nn.dot_product_attention's result (GQA, packed segments) to float32
+  rounding, forward and gradients."""
+  from dcmodel.models.attention import CAUSAL_HALVES_MIN, causal_halves
+  assert length >= CAUSAL_HALVES_MIN
+  q, k, v = inputs(length)
+  seg = packed(length) if segments else None
+  probe = jax.random.normal(jax.random.key(1), (B, length, H, D))
+
+  def reference(q, k, v):
+    mask = None if seg is None else seg[:, None, :, None] == seg[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
+
+  def run(fn):
+    out, pullback = jax.vjp(fn, q, k, v)
+    return out, pullback(probe)
+
+  (out, grads), (want, want_grads) = (jax.jit(run, static_argnums=0)(fn) for fn in (
+      lambda q, k, v: attend(q, k, v, causal=True, segment_ids=seg, impl="xla"), reference))
+  # attend took the halves (the same program as causal_halves called directly)
+  assert str(jax.make_jaxpr(lambda q, k, v: attend(q, k, v, causal=True, segment_ids=seg, impl="xla"))(q, k, v)) == \
+      str(jax.make_jaxpr(lambda q, k, v: causal_halves(q, k, v, seg))(q, k, v))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  for got, ref in zip(grads, want_grads):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
