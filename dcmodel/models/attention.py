@@ -20,6 +20,8 @@ given here (any per-row mask) goes to XLA under `auto`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -43,6 +45,18 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 SPLASH_BLOCK = 128          # the kernel's tiles are multiples of the TPU's 128 lanes
 SPLASH_BLOCKS = (512, 256, 128)   # the largest that divides the length (MaxText's default is 512)
 CAUSAL_HALVES_MIN = 128     # xla's causal self-attention from this length on skips the upper quarter
+_HALVES = contextvars.ContextVar("dcmodel_causal_halves", default=True)
+
+
+@contextlib.contextmanager
+def full_causal():
+  """Inside, xla's causal attention computes the full T x T scores (no halves): what the FLOP
+  accounting counts by convention (perf.accounting), whatever a kernel skips."""
+  token = _HALVES.set(False)
+  try:
+    yield
+  finally:
+    _HALVES.reset(token)
 
 
 def unfit(impl: str, *, backend: str | None, dtype, q_len: int, kv_len: int, head_dim: int,
@@ -101,7 +115,8 @@ def attend(q, k, v, *, causal: bool, segment_ids=None, mask=None, impl: str = "a
                masked=segment_ids is not None or mask is not None, cache=mask is not None)
   if use == "splash":
     return splash(q, k, v, causal=causal, segment_ids=segment_ids, interpret=backend != "tpu")
-  if use == "xla" and causal and mask is None and q.shape[1] == k.shape[1] and q.shape[1] >= CAUSAL_HALVES_MIN and q.shape[1] % 2 == 0:
+  if (use == "xla" and causal and mask is None and q.shape[1] == k.shape[1] and q.shape[1] >= CAUSAL_HALVES_MIN
+      and q.shape[1] % 2 == 0 and _HALVES.get()):
     return causal_halves(q, k, v, segment_ids)
   if segment_ids is not None:
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]

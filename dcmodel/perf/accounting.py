@@ -9,8 +9,9 @@ scans (times their length), jits and remat blocks. Convolutions count only the t
 inside the input (SAME padding's zeros are not work), as XLA's cost analysis does. The
 backward pass costs, per matmul, one more forward for each operand that depends on the
 parameters (its gradient, dW or dX), so the first layer's input gradient is not counted.
-Attention counts the full T x T score matrix even when causal: XLA's dense attention computes
-it all and masks; a causal-aware kernel would do half. Rematerialization's recompute is not
+Attention counts the full T x T score matrix even when causal (the models are traced with
+`attention.full_causal`): XLA's dense attention computes it all and masks; a causal-aware
+kernel does about half, and on CPU the xla path's two query halves skip a quarter. Rematerialization's recompute is not
 counted in the model FLOPs (as in MFU); it is counted apart, `flops_recompute`: the forward
 matmuls inside each remat block that its policy does not save (block: all of them; dots: the
 batched ones, attention's QK^T and AV), which the step time adds.
@@ -28,6 +29,7 @@ from flax import nnx
 from jax.extend import core as jcore
 
 from dcmodel.config import Config
+from dcmodel.models.attention import full_causal
 from dcmodel.train import state as state_lib
 from dcmodel.train import tasks
 
@@ -186,7 +188,8 @@ def _walk_step(cfg: Config, found: list | None = None):
   """_walk over the jaxpr of `cfg`'s loss, the parameters tainted: (fwd, bwd, matmul bytes), and
   the loss_fn_and_args it traced, and the jaxpr."""
   loss, params, batch, opt_state = loss_fn_and_args(cfg)
-  closed = jax.make_jaxpr(loss)(params, batch)
+  with full_causal():
+    closed = jax.make_jaxpr(loss)(params, batch)
   return (_walk(closed.jaxpr, set(closed.jaxpr.invars[:len(jax.tree.leaves(params))]), 1, found),
           (loss, params, batch, opt_state), closed.jaxpr)
 
@@ -194,8 +197,9 @@ def _walk_step(cfg: Config, found: list | None = None):
 def _saved_bytes(loss, params, batch) -> int:
   """Bytes of what jax.grad keeps for the backward pass (remat-aware), inputs left out."""
   from jax._src.ad_checkpoint import saved_residuals
-  return int(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a, why in saved_residuals(loss, params, batch)
-                 if "argument" not in str(why)))
+  with full_causal():
+    saved = saved_residuals(loss, params, batch)
+  return int(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a, why in saved if "argument" not in str(why)))
 
 
 def transformer_saved_bytes(cfg: Config) -> int:
