@@ -52,7 +52,7 @@ from benchmarks.experiments_gpt_speed.dc_step import build, step_and_batch  # no
 from dcmodel.mesh import constrain  # noqa: E402
 from dcmodel.models import transformer as tf  # noqa: E402
 from dcmodel.models.attention import attend  # noqa: E402
-from dcmodel.models.layers import matmul  # noqa: E402
+from dcmodel.models.layers import matmul, weight_grad  # noqa: E402
 
 
 def _blocked(q, k, v, segment_ids, n: int, heads_first: bool = True):
@@ -101,12 +101,7 @@ def _wt_fwd(x, w):
 
 def _wt_bwd(res, dy):
   x, w = res
-  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  if x2.shape[1] <= dy2.shape[1]:
-    dw = jax.lax.optimization_barrier(x2.T) @ dy2
-  else:
-    dw = (jax.lax.optimization_barrier(dy2.T) @ x2).T
-  return (dy @ jax.lax.optimization_barrier(w.T)).astype(x.dtype), dw.astype(w.dtype)
+  return (dy @ jax.lax.optimization_barrier(w.T)).astype(x.dtype), weight_grad(x, dy, w.dtype)
 
 
 wt_matmul.defvjp(_wt_fwd, _wt_bwd)

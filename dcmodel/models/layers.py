@@ -61,14 +61,19 @@ def _nn_matmul_fwd(x, w):
   return x @ w, (x, w)
 
 
-def _nn_matmul_bwd(res, dy):
-  x, w = res
+def weight_grad(x, dy, dtype):
+  """dW = X^T dY for x (..., k), dy (..., n) as a row-major matmul (see `matmul`)."""
   x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
   if x2.shape[1] <= dy2.shape[1]:   # X^T (k, tokens) @ dY (tokens, n)
     dw = jax.lax.optimization_barrier(x2.T) @ dy2
   else:                             # (dY^T (n, tokens) @ X)^T: the small (n, k) result transposed
     dw = (jax.lax.optimization_barrier(dy2.T) @ x2).T
-  return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
+  return dw.astype(dtype)
+
+
+def _nn_matmul_bwd(res, dy):
+  x, w = res
+  return (dy @ w.T).astype(x.dtype), weight_grad(x, dy, w.dtype)
 
 
 _nn_matmul.defvjp(_nn_matmul_fwd, _nn_matmul_bwd)

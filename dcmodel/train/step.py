@@ -10,6 +10,7 @@ from flax import nnx
 from dcmodel.mesh import replicated
 from dcmodel.train.tasks import PER_EXAMPLE
 
+
 def compiler_options(cpu_options: dict | None, sharding) -> dict | None:
   """`cpu_options` (a model family's CPU_COMPILER_OPTIONS) if the batch placed by `sharding` is on
   CPU devices, else none."""
