@@ -11,6 +11,9 @@ Candidates (comma-separated names; `+` joins several, e.g. `qkv+bhtd`):
   tblockN  the same on (batch, time, heads, head_dim)
   blockN   bhtd, causal over N query blocks each against only the keys up to its end (flash's skip)
   qkv      Q, K, V as one (d, 3d) matmul through layers.matmul, the output projection 2-D too
+  wg       layers.matmul's weight gradient with the small (n, k) product behind an optimization
+           barrier before its transpose: else XLA folds (dY^T X)^T into one TT dot, which runs on
+           Eigen (the MLP output projection's and the unembedding's dW)
   wt       layers.matmul's input gradient dY W^T as an NN dot on an explicit W^T (XLA:CPU's NT form
            ran the (4096,512)x(512,2048) one at half the NN speed)
   bf16     model.dtype=bfloat16 (parameters and optimizer state stay float32)
@@ -107,6 +110,30 @@ def _wt_bwd(res, dy):
 wt_matmul.defvjp(_wt_fwd, _wt_bwd)
 
 
+def weight_grad_barrier(x, dy, dtype):
+  """layers.weight_grad with the (n, k) product materialized before its transpose."""
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  if x2.shape[1] <= dy2.shape[1]:
+    dw = jax.lax.optimization_barrier(x2.T) @ dy2
+  else:
+    dw = jax.lax.optimization_barrier(jax.lax.optimization_barrier(dy2.T) @ x2).T
+  return dw.astype(dtype)
+
+
+@jax.custom_vjp
+def wg_matmul(x, w):
+  return x @ w
+
+
+def _wg_bwd(res, dy):
+  x, w = res
+  return (dy @ w.T).astype(x.dtype), weight_grad_barrier(x, dy, w.dtype)
+
+
+wg_matmul.defvjp(_wt_fwd, _wg_bwd)
+MATMULS = {"wt": wt_matmul, "wg": wg_matmul}
+
+
 def make_attention(qkv: bool, layout: str):
   """transformer.Attention.__call__ (training path) with the chosen projection and attention
   forms. layout: dpa (dcmodel's: jax.nn.dot_product_attention), einsum (explicit, same layout), bhtd."""
@@ -174,24 +201,24 @@ BTHD = ("dpa", "einsum", "tblock2", "tblock4")
 def candidate(spec: str):
   """(attention patch or None, config sets, compiler options) for a `+`-joined name."""
   parts = spec.split("+")
-  unknown = [p for p in parts if p not in OPTIONS and p not in SETS and p not in LAYOUTS and p not in ("qkv", "wt")]
+  unknown = [p for p in parts if p not in OPTIONS and p not in SETS and p not in LAYOUTS and p not in ("qkv", *MATMULS)]
   if unknown:
     raise SystemExit(f"unknown candidate part(s) {unknown}")
   layout = next((p for p in parts if p in LAYOUTS), "dpa")
   patch = make_attention("qkv" in parts, layout) if ("qkv" in parts or layout != "dpa") else None
   sets = [s for p in parts for s in SETS.get(p, [])]
   options = {k: v for p in parts for k, v in OPTIONS.get(p, {}).items()}
-  return patch, sets, options, "wt" in parts
+  return patch, sets, options, next((MATMULS[p] for p in parts if p in MATMULS), None)
 
 
 def compiled(variant: str, spec: str, extra_sets=(), devices: int = 1):
-  patch, sets, options, wt = candidate(spec) if spec != "dcmodel" else (None, [], {}, False)
+  patch, sets, options, mm = candidate(spec) if spec != "dcmodel" else (None, [], {}, None)
   global matmul
   original, original_mm = tf.Attention.__call__, (tf.matmul, matmul)
   if patch is not None:
     tf.Attention.__call__ = patch
-  if wt:
-    tf.matmul = matmul = wt_matmul
+  if mm is not None:
+    tf.matmul = matmul = mm
   try:
     mesh_set = [f"mesh.data={devices}"] if devices > 1 else []
     mesh, rules, step, state, batch = step_and_batch(build(variant, list(extra_sets) + mesh_set + sets), devices=devices)
@@ -213,6 +240,7 @@ def main():
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--set", action="append", default=[], help="config overrides for every candidate")
   p.add_argument("--runs", default="bhtd,qkv", help="candidates beside the baseline (see the module doc)")
+  p.add_argument("--base", default="dcmodel", help="the candidate the speedups are against (e.g. ynn_dot: the loop's options)")
   p.add_argument("--out", help="write the result JSON here")
   p.add_argument("--devices", type=int, default=1, help="simulated CPU devices (data parallel); set before jax loads")
   p.add_argument("--profile", action="store_true", help="instead of timing, attribute each candidate op by op (attribute.py)")
@@ -242,8 +270,8 @@ def main():
       r["state"], sums = r["exe"](r["state"], r["batch"])
       jax.block_until_ready((r["state"], sums))
       r["times"].append(time.perf_counter() - t)
-  base = runs["dcmodel"]["times"]
-  out = {"variant": args.variant, "rounds": args.rounds, "candidates": {}}
+  base = runs[args.base]["times"]
+  out = {"variant": args.variant, "rounds": args.rounds, "base": args.base, "candidates": {}}
   for name, r in runs.items():
     ratios = [a / b for a, b in zip(base, r["times"])]
     out["candidates"][name] = {"median_step_s": float(np.median(r["times"])), "min_step_s": min(r["times"]),
