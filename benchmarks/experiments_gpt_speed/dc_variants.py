@@ -14,6 +14,9 @@ Candidates (comma-separated names; `+` joins several, e.g. `qkv+bhtd`):
   wg       layers.matmul's weight gradient with the small (n, k) product behind an optimization
            barrier before its transpose: else XLA folds (dY^T X)^T into one TT dot, which runs on
            Eigen (the MLP output projection's and the unembedding's dW)
+  wgx      wg, and the transposed operand of the weight gradient first materialized as it is (the
+           norm's output), so the transposing copy does not recompute the norm at a strided pace
+  gelu     tanh GELU with a custom VJP saving only its input (one fusion forward, one backward)
   wt       layers.matmul's input gradient dY W^T as an NN dot on an explicit W^T (XLA:CPU's NT form
            ran the (4096,512)x(512,2048) one at half the NN speed)
   bf16     model.dtype=bfloat16 (parameters and optimizer state stay float32)
@@ -131,7 +134,58 @@ def _wg_bwd(res, dy):
 
 
 wg_matmul.defvjp(_wt_fwd, _wg_bwd)
-MATMULS = {"wt": wt_matmul, "wg": wg_matmul}
+
+
+def _t(a):
+  """a.T of a materialized a, itself materialized: a plain transposing copy."""
+  return jax.lax.optimization_barrier(jax.lax.optimization_barrier(a).T)
+
+
+def weight_grad_plain_t(x, dy, dtype):
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  if x2.shape[1] <= dy2.shape[1]:
+    dw = _t(x2) @ dy2
+  else:
+    dw = jax.lax.optimization_barrier(_t(dy2) @ x2).T
+  return dw.astype(dtype)
+
+
+@jax.custom_vjp
+def wgx_matmul(x, w):
+  return x @ w
+
+
+def _wgx_bwd(res, dy):
+  x, w = res
+  return (dy @ w.T).astype(x.dtype), weight_grad_plain_t(x, dy, w.dtype)
+
+
+wgx_matmul.defvjp(_wt_fwd, _wgx_bwd)
+MATMULS = {"wt": wt_matmul, "wg": wg_matmul, "wgx": wgx_matmul}
+_GELU_C = float(np.sqrt(2 / np.pi))
+
+
+@jax.custom_vjp
+def gelu_tanh(x):
+  return 0.5 * x * (1 + jnp.tanh(_GELU_C * (x + 0.044715 * x ** 3)))
+
+
+def _gelu_fwd(x):
+  return gelu_tanh(x), x
+
+
+def _gelu_bwd(x, g):
+  t = jnp.tanh(_GELU_C * (x + 0.044715 * x ** 3))
+  return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)),)
+
+
+gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def gelu(x, approximate: bool = True):
+  assert approximate
+  return gelu_tanh(x)
+
 
 
 def make_attention(qkv: bool, layout: str):
@@ -201,24 +255,26 @@ BTHD = ("dpa", "einsum", "tblock2", "tblock4")
 def candidate(spec: str):
   """(attention patch or None, config sets, compiler options) for a `+`-joined name."""
   parts = spec.split("+")
-  unknown = [p for p in parts if p not in OPTIONS and p not in SETS and p not in LAYOUTS and p not in ("qkv", *MATMULS)]
+  unknown = [p for p in parts if p not in OPTIONS and p not in SETS and p not in LAYOUTS and p not in ("qkv", "gelu", *MATMULS)]
   if unknown:
     raise SystemExit(f"unknown candidate part(s) {unknown}")
   layout = next((p for p in parts if p in LAYOUTS), "dpa")
   patch = make_attention("qkv" in parts, layout) if ("qkv" in parts or layout != "dpa") else None
   sets = [s for p in parts for s in SETS.get(p, [])]
   options = {k: v for p in parts for k, v in OPTIONS.get(p, {}).items()}
-  return patch, sets, options, next((MATMULS[p] for p in parts if p in MATMULS), None)
+  return patch, sets, options, next((MATMULS[p] for p in parts if p in MATMULS), None), "gelu" in parts
 
 
 def compiled(variant: str, spec: str, extra_sets=(), devices: int = 1):
-  patch, sets, options, mm = candidate(spec) if spec != "dcmodel" else (None, [], {}, None)
+  patch, sets, options, mm, new_gelu = candidate(spec) if spec != "dcmodel" else (None, [], {}, None, False)
   global matmul
-  original, original_mm = tf.Attention.__call__, (tf.matmul, matmul)
+  original, original_mm, original_gelu = tf.Attention.__call__, (tf.matmul, matmul), jax.nn.gelu
   if patch is not None:
     tf.Attention.__call__ = patch
   if mm is not None:
     tf.matmul = matmul = mm
+  if new_gelu:
+    jax.nn.gelu = gelu
   try:
     mesh_set = [f"mesh.data={devices}"] if devices > 1 else []
     mesh, rules, step, state, batch = step_and_batch(build(variant, list(extra_sets) + mesh_set + sets), devices=devices)
@@ -231,6 +287,7 @@ def compiled(variant: str, spec: str, extra_sets=(), devices: int = 1):
   finally:
     tf.Attention.__call__ = original
     tf.matmul, matmul = original_mm
+    jax.nn.gelu = original_gelu
   return {"exe": exe, "state": state, "batch": batch, "first": first, "compile_s": compile_s, "times": []}
 
 
