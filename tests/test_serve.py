@@ -30,7 +30,7 @@ from dcmodel.infer.generate import Generator, Sampling
 from dcmodel.infer.load import init_workdir
 from dcmodel.infer.predict import predict
 from dcmodel.serve import app as app_lib
-from dcmodel.serve.engine import Engine, Params, Sequence
+from dcmodel.serve.engine import Engine, Params, Sequence, prefill_row_buckets
 from dcmodel.train import state as state_lib
 
 TINY = ("model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
@@ -131,14 +131,18 @@ def test_completions_equal_generate_whatever_is_in_flight(lm):
     assert choice["token_ids"] == reference[choice["index"]].tolist()
 
 
-def test_engine_greedy_equals_generate_under_dp_x_tp():
-  """The engine alone on a DP x TP mesh (KV heads split over `model`): slots joining mid-decode."""
-  cfg = experiment("stdlib_gpt", *TINY, "mesh.data=4", "mesh.model=2")
-  placed = state_lib.place(cfg)
+@pytest.mark.parametrize("layout", ["dp_x_tp", "one_device"])
+def test_engine_greedy_equals_generate(layout):
+  """The engine alone, slots joining mid-decode: on a DP x TP mesh (KV heads split over `model`),
+  and on one device, where the prompts admitted together share a prefill of 4 rows (buckets 1, 4)."""
+  mesh = ("mesh.data=4", "mesh.model=2") if layout == "dp_x_tp" else ()
+  cfg = experiment("stdlib_gpt", *TINY, *mesh)
+  placed = state_lib.place(cfg, None if mesh else jax.devices()[:1])
   state = jax.tree.map(lambda x: x * 4 if x.dtype == np.float32 else x, placed.init())
   tok = ByteTokenizer()
   reference = Generator(placed, state)([p.encode() for p in PROMPTS], Sampling(max_new_tokens=12)).tokens
   engine = Engine(placed, state, tok, slots=4, queue_size=8)      # fewer slots than prompts: some wait, then join
+  assert engine.prefill_rows == ((4,) if mesh else (1, 4))
   engine.warmup()
   engine.start()
   finished = threading.Semaphore(0)
@@ -150,7 +154,16 @@ def test_engine_greedy_equals_generate_under_dp_x_tp():
   engine.stop()
   for i, seq in enumerate(seqs):
     assert seq.tokens == reference[i, :12 - i].tolist()
-  assert engine.busy_slots == 0 and engine.caches[0].k.addressable_shards[0].data.shape == (1, 1, 64, 16)
+  assert engine.busy_slots == 0
+  assert engine.caches[0].k.addressable_shards[0].data.shape == ((1, 1, 64, 16) if mesh else (4, 2, 64, 16))
+
+
+def test_prefill_row_buckets():
+  assert prefill_row_buckets(16, 1) == [1, 4, 16]
+  assert prefill_row_buckets(16, 8) == [8, 16]
+  assert prefill_row_buckets(8, 8) == [8]
+  assert prefill_row_buckets(1, 1) == [1]
+  assert prefill_row_buckets(32, 4) == [4, 8, 32]
 
 
 def stream(url, body, ids=None):

@@ -9,8 +9,10 @@ go back through each sequence's `emit` callback (the HTTP layer hands them to it
 
 Shapes are fixed so nothing compiles while serving: the decode step always covers all slots
 (idle ones compute and are ignored), and prompts are right-padded into a few length buckets
-(powers of two up to the context), `prefill_rows` prompts per call (the batch axes' size, so
-the prefill splits over the mesh like training). A right-padded prompt needs no mask of its
+(powers of two up to the context), and the prompts admitted together are prefilled in one call
+of a few row counts (multiples of the batch axes' size, so the prefill splits over the mesh like
+training; up to a quarter and all of the slots): a wave of requests arriving as others finish
+shares one pass over the weights instead of one pass each. A right-padded prompt needs no mask of its
 own: it is causal, its padding lies after its last token, and decode overwrites it from there.
 
 Sampling is per slot: greedy (temperature 0: the argmax, as `dcmodel generate`) or a draw at a
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import threading
 import time
 import traceback
@@ -158,6 +161,16 @@ def length_buckets(context: int, smallest: int = 16) -> list[int]:
   return out + [context]
 
 
+def prefill_row_buckets(slots: int, divisor: int) -> list[int]:
+  """Row counts the prefill compiles for: the batch axes' size, then a quarter and all of the
+  slots where those are larger multiples of it."""
+  out = [divisor]
+  for rows in (slots // 4, slots):
+    if rows > out[-1] and rows % divisor == 0:
+      out.append(rows)
+  return out
+
+
 def sample(logits, temperature, top_k, top_p, seeds, counts):
   """Next token per row from (rows, vocab) logits, with each row's own sampling: the argmax
   where temperature is 0; else a draw at the temperature from the top-k tokens, cut further to
@@ -186,15 +199,16 @@ class Engine:
   """The scheduler and its jitted steps for one model on its mesh."""
 
   def __init__(self, placed: Placed, state, tokenizer, slots: int = 16, queue_size: int = 256, metrics=None,
-               prefill_rows: int | None = None):
+               prefill_rows: tuple[int, ...] | None = None):
     self.placed, self.state, self.tokenizer = placed, state, tokenizer
     self.cfg = placed.cfg.model
     self.mesh = placed.mesh
     check_batch(slots, self.mesh, "--slots")
     self.slots, self.queue_size, self.metrics = slots, queue_size, metrics
     self.context = self.cfg.max_len
-    self.prefill_rows = prefill_rows or batch_divisor(self.mesh)
-    check_batch(self.prefill_rows, self.mesh, "prefill rows")
+    self.prefill_rows = tuple(prefill_rows or prefill_row_buckets(slots, batch_divisor(self.mesh)))
+    for rows in self.prefill_rows:
+      check_batch(rows, self.mesh, "prefill rows")
     self.buckets = length_buckets(self.context)
     self.eos_id = tokenizer.eos_id          # None: the tokenizer has no end of text
 
@@ -261,9 +275,8 @@ class Engine:
     """Compile every prefill bucket and the decode step (all into no slot), so nothing
     compiles while serving; returns the seconds it took."""
     t = time.perf_counter()
-    rows = self.prefill_rows
     with self.placed.context():
-      for length in self.buckets:
+      for rows, length in itertools.product(self.prefill_rows, self.buckets):
         first, self.caches = self._prefill(self.params, self.caches, np.zeros((rows, length), np.int32), np.ones(rows, np.int32),
                                            np.full(rows, self.slots, np.int32), np.zeros(rows, np.float32),
                                            np.zeros(rows, np.int32), np.ones(rows, np.float32), np.zeros(rows, np.uint32))
@@ -342,8 +355,9 @@ class Engine:
           seq.slot = slot
           self._running[slot] = seq
       try:
-        for i in range(0, len(admit), self.prefill_rows):
-          self._prefill_group(admit[i:i + self.prefill_rows])
+        most = self.prefill_rows[-1]
+        for i in range(0, len(admit), most):
+          self._prefill_group(admit[i:i + most])
         self._leave_cancelled()
         step = self._dispatch(inflight)
         if inflight is not None:
@@ -362,7 +376,7 @@ class Engine:
 
   def _prefill_group(self, group: list[Sequence]) -> None:
     t = time.perf_counter()
-    rows = self.prefill_rows
+    rows = next(r for r in self.prefill_rows if r >= len(group))
     longest = max(len(s.prompt_ids) for s in group)
     length = next(b for b in self.buckets if b >= longest)
     tokens = np.zeros((rows, length), np.int32)
