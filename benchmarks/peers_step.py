@@ -1,0 +1,261 @@
+"""Where dcmodel's train loop loses against the bare step (benchmarks/peers.py's `run_xla`), step
+by step: the documents' models at batch 32 on one CPU device, every contender over the same
+device-resident stacked batches, as many steps per call as peers runs dcmodel, interleaved in one
+process (rounds alternate the order).
+
+- bare: peers.run_xla's step (jax.jit + optax.adam, lax.scan over the call's steps);
+- step: dcmodel's jitted call as the loop runs it (setup's `train_step`: the leaf-list step with
+  the non-finite guard, the task's metric sums, grad norm and learning rate, totals on device);
+- --variants name=guard:norm:sums[:xla_option=value+...]: the step rebuilt with other forms of
+  its non-finite guard (cond: lax.cond, the form before; where: leaf-by-leaf select; none), of the
+  gradient norm (optax: per-leaf reductions; concat; dot: one dot of the concatenated leaves;
+  vdot: one per leaf; none) and of the metric sums (stack: scan outputs; vector: one stacked
+  output; carry: one vector in the loop's carry), e.g. old=cond:optax:stack.
+
+Prints examples/s per contender and round, and each one's share of the bare step; --hlo DIR
+writes every contender's optimized HLO. Run: python -m benchmarks.peers_step [--models mlp,rec]
+[--rounds 3] [--variants old=cond:optax:stack]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks.peers import BATCH, DISPATCH, MODELS, ROOT  # noqa: E402
+
+
+def overrides(model: str, steps: int) -> list[str]:
+  per_call, unroll = DISPATCH[model]
+  return [f"data.global_batch_size={BATCH}", "data.eval_batch_size=128", f"train.steps={steps}", "train.eval_every=0",
+          f"train.log_every={steps}", f"train.steps_per_dispatch={per_call}", f"train.dispatch_unroll={unroll}",
+          "train.progress=false", "checkpoint.enabled=false", "optimizer.name=adam", "optimizer.learning_rate=0.001",
+          "optimizer.schedule=constant", "optimizer.weight_decay=0.0", "mesh.data=1", "mesh.model=1"]
+
+
+def dcmodel_call(model: str, calls: int, work: str):
+  """(call, carry, batches): setup's jitted leaf step over `calls` device-resident stacked batches."""
+  from dcmodel import experiment
+  from dcmodel.data import pipeline
+  from dcmodel.train.setup import setup
+  cfg = experiment.load(ROOT / "experiments" / f"{MODELS[model][0]}.py", overrides(model, 10 ** 6))
+  run = setup(cfg, work, jax.devices()[:1])
+  hosts = [next(run.iterator) for _ in range(calls)]
+  run.writer.close()
+  if run.lock is not None:
+    run.lock.release()
+  with run.placed.context():
+    batches = [jax.device_put(pipeline.step_inputs(h, run.call_sharding, run.dataset.device_keys), run.call_sharding)
+               for h in hosts]
+    run.step_once(batches[0])
+  step = run.train_step
+  return (lambda carry, b: step(*carry, b)), (run.leaves, run.totals), batches, run, hosts
+
+
+def bare_call(model: str, hosts: list[dict]):
+  """peers.run_xla's step (same model, optax.adam, scan over the call's steps) on the same batches."""
+  from dcmodel.models.cnn import max_pool_2x2
+  from dcmodel.models.layers import conv_as_matmul
+  keys = iter(jax.random.split(jax.random.key(0), 9))
+  dense = lambda i, o, shape=None: (jax.random.normal(next(keys), shape or (i, o)) / np.sqrt(i), jnp.zeros(o))
+  layers = {"mlp": [dense(64, 256), dense(256, 128), dense(128, 10)], "rec": [dense(100, 64), dense(64, 32), dense(32, 1)],
+            "cnn": [dense(9, 32, (3, 3, 1, 32)), dense(288, 64, (3, 3, 32, 64)), dense(256, 10)]}[model]
+  convs = 2 if model == "cnn" else 0
+
+  def forward(params, x):
+    if convs:
+      x = x.reshape(-1, 8, 8, 1)
+      for w, b in params[:convs]:
+        x = max_pool_2x2(jax.nn.relu(conv_as_matmul(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b))
+    x = x.reshape(x.shape[0], -1)
+    for i, (w, b) in enumerate(params[convs:]):
+      x = x @ w + b
+      x = jax.nn.relu(x) if i < len(params) - convs - 1 else x
+    return x
+
+  def loss(params, x, y):
+    out = forward(params, x)
+    if model == "rec":
+      return optax.sigmoid_binary_cross_entropy(out[:, 0], y.astype(jnp.float32)).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+
+  tx = optax.adam(1e-3)
+
+  def step(carry, batch):
+    params, opt = carry
+    updates, opt = tx.update(jax.grad(loss)(params, *batch), opt, params)
+    return (optax.apply_updates(params, updates), opt), None
+
+  call = jax.jit(lambda carry, xy: jax.lax.scan(step, carry, xy)[0], donate_argnums=0)
+  batches = [jax.device_put((h["x"].reshape(h["x"].shape[0], BATCH, -1), h["y"])) for h in hosts]
+  return call, (layers, tx.init(layers)), batches
+
+
+def timed(call, carry, batches, calls: int):
+  for b in batches[:2]:                      # warm (compiled already)
+    carry = call(carry, b)
+  jax.block_until_ready(carry)
+  t = time.perf_counter()
+  for i in range(calls):
+    carry = call(carry, batches[i % len(batches)])
+  jax.block_until_ready(carry)
+  return time.perf_counter() - t, carry
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser()
+  p.add_argument("--models", default="mlp,cnn,rec")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--seconds", type=float, default=3.0, help="per contender and round (about)")
+  p.add_argument("--variants", default="", help="probe: name=guard:norm:sums,... (see variant())")
+  p.add_argument("--hlo", default=None, help="write the steps' optimized HLO into this directory")
+  args = p.parse_args(argv)
+  for model in args.models.split(","):
+    per_call = DISPATCH[model][0]
+    with tempfile.TemporaryDirectory() as work:
+      dc, dc_carry, dc_batches, run, hosts = dcmodel_call(model, 8, work)
+      bare, bare_carry, bare_batches = bare_call(model, hosts)
+      bare_carry = bare(bare_carry, bare_batches[0])
+      contenders = {"bare": (bare, bare_carry, bare_batches), "step": (dc, dc_carry, dc_batches)}
+      jitted = {"bare": bare, "step": run.train_step}
+      with run.placed.context():
+        for spec in filter(None, args.variants.split(",")):
+          name, knobs = spec.split("=", 1)
+          f = variant(run, *knobs.split(":"))
+          carry = (jax.tree.map(jnp.copy, run.leaves), run.zero_totals())
+          contenders[name] = ((lambda f: lambda c, b: f(*c, b))(f), carry, dc_batches)
+          jitted[name] = f
+        if args.hlo:
+          out = Path(args.hlo)
+          out.mkdir(parents=True, exist_ok=True)
+          for name, (call, carry, batches) in contenders.items():
+            args_ = (carry, batches[0]) if name == "bare" else (*carry, batches[0])
+            (out / f"{model}_{name}.hlo.txt").write_text(jitted[name].lower(*args_).compile().as_text())
+      carries = {k: v[1] for k, v in contenders.items()}
+      with run.placed.context():
+        for name, (call, _, batches) in contenders.items():   # compile all
+          carries[name] = call(carries[name], batches[0])
+      s, carries["bare"] = timed(bare, carries["bare"], bare_batches, 20)
+      calls = max(20, int(args.seconds / (s / 20)))
+      rates = {k: [] for k in contenders}
+      names = list(contenders)
+      for r in range(args.rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+          call, _, batches = contenders[name]
+          with run.placed.context():
+            s, carries[name] = timed(call, carries[name], batches, calls)
+          rates[name].append(calls * per_call * BATCH / s)
+      print(f"{model}: bare {statistics.median(rates['bare']):9.0f} ex/s {[round(x) for x in rates['bare']]}", flush=True)
+      for name in names[1:]:
+        ratios = [d / b for d, b in zip(rates[name], rates["bare"])]
+        print(f"  {name:10s} {statistics.median(rates[name]):9.0f} ex/s; of bare per round {[round(x, 3) for x in ratios]} "
+              f"(median {statistics.median(ratios):.3f})", flush=True)
+  return 0
+
+
+
+
+# ---------------------------------------------------------------- variants of dcmodel's step (probe)
+def variant(run, guard="cond", norm="optax", sums_mode="stack", opts=""):
+  """setup's leaf step rebuilt with one knob changed: guard cond|where|none, norm optax|concat|none,
+  sums_mode stack (a stacked scan output per metric) | vector (one vector per step) | carry."""
+  from flax import nnx
+  from dcmodel.train import optimizer, tasks
+  from dcmodel.train.step import _grads, on_leaves
+  from dcmodel.mesh import replicated
+  cfg, placed = run.cfg, run.placed
+  graphdef, task_fn, inputs = placed.graphdef, tasks.get(cfg.model.task), cfg.model.batch_spec().inputs
+  lr_schedule = optimizer.schedule(cfg.optimizer, cfg.train.steps)
+
+  def train_step(state, batch):
+    model, opt = nnx.merge(graphdef, state)
+    model.train()
+    loss, sums, grads = _grads(model, task_fn, batch, inputs, 1, None)
+    old = jax.tree.leaves(state)
+
+    def update(state):
+      model, opt = nnx.merge(graphdef, state)
+      opt.update(model, grads)
+      return nnx.state((model, opt))
+
+    def update2(state, grads):
+      model, opt = nnx.merge(graphdef, state)
+      opt.update(model, grads)
+      return nnx.state((model, opt))
+
+    if norm == "optax":
+      grad_norm = optax.tree.norm(grads)
+    elif norm == "concat":
+      grad_norm = jnp.sqrt(jnp.sum(jnp.concatenate([jnp.ravel(g) ** 2 for g in jax.tree.leaves(grads)])))
+    elif norm == "dot":
+      flat = jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(grads)])
+      grad_norm = jnp.sqrt(jnp.dot(flat, flat))
+    elif norm == "vdot":
+      grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
+    else:
+      grad_norm = jnp.float32(0)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    sums = {**sums, "grad_norm": grad_norm}
+    sums["learning_rate"] = jnp.asarray(lr_schedule(opt.step[...]), jnp.float32)
+    if guard == "cond":
+      new_state = jax.lax.cond(finite, update, lambda state: state, state)
+    elif guard == "barrier":
+      treedef = jax.tree.structure(state)
+      n_model = len(jax.tree.leaves(state[0]))
+      new = jax.tree.leaves(update(state))
+      params = [jnp.where(finite, n, o) for n, o in zip(new[:n_model], old[:n_model])]
+      # the optimizer's state after every parameter is written: recomputed from the old state behind
+      # a barrier, so XLA neither keeps the old moments alive (copies) nor orders their writes first
+      params, rest, g = jax.lax.optimization_barrier((params, old[n_model:], grads))
+      grads_b = g
+      again = jax.tree.leaves(update2(jax.tree.unflatten(treedef, old[:n_model] + rest), grads_b))
+      new_state = jax.tree.unflatten(treedef, params + [jnp.where(finite, n, o) for n, o in zip(again[n_model:], rest)])
+    else:
+      new_state = update(state)
+      if guard == "where":
+        treedef = jax.tree.structure(new_state)
+        new_state = jax.tree.unflatten(treedef, [jnp.where(finite, n, o) for n, o in zip(jax.tree.leaves(new_state), old)])
+    sums = {k: jnp.where(finite, v, 0.0) for k, v in sums.items()}
+    return new_state, {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+
+  unroll = cfg.train.dispatch_unroll
+
+  def multi_step(state, batches):
+    if sums_mode == "stack":
+      state, sums = jax.lax.scan(train_step, state, batches, unroll=unroll)
+      return state, jax.tree.map(lambda v: jnp.sum(v, 0), sums)
+    names = list(jax.eval_shape(train_step, state, jax.tree.map(lambda v: v[0], batches))[1])
+    if sums_mode == "vector":
+      def body(s, b):
+        s, sums = train_step(s, b)
+        return s, jnp.stack([sums[k] for k in names])
+      state, vec = jax.lax.scan(body, state, batches, unroll=unroll)
+      vec = jnp.sum(vec, 0)
+    else:
+      def body(carry, b):
+        s, acc = carry
+        s, sums = train_step(s, b)
+        return (s, acc + jnp.stack([sums[k] for k in names])), None
+      (state, vec), _ = jax.lax.scan(body, (state, jnp.zeros(len(names))), batches, unroll=unroll)
+    return state, {k: vec[i] for i, k in enumerate(names)}
+
+  rep = replicated(run.call_sharding.mesh)
+  step = jax.jit(multi_step, in_shardings=(placed.shardings, run.call_sharding), out_shardings=(placed.shardings, rep),
+                 donate_argnums=0)
+  extra = {k: {"true": True, "false": False}.get(v, v) for k, v in (kv.split("=") for kv in opts.split("+") if kv)}
+  return on_leaves(step, placed.shardings, run.call_sharding, {**cfg.model.CPU_COMPILER_OPTIONS, **extra})
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
