@@ -206,19 +206,15 @@ def run_torch(model: str, data: Path, epochs: int, mode: str | None = None, thre
 
 
 # ---------------------------------------------------------------- bare XLA: the ceiling
-def run_xla(model: str, data: Path, epochs: int, matmul=None) -> dict:
-  """The same model and Adam as a bare jax.jit + optax step, as many steps per call (lax.scan)
-  as dcmodel, over batches already on the device: no input pipeline, no metrics, no framework;
-  the CNN's convolutions are matmuls, as in dcmodel on CPU. Keras runs on the same XLA, so no
-  framework on XLA gets much further ahead of Keras than this step does: its ratio to Keras bounds
-  the others'. `matmul` replaces the dense layers' `x @ w` (experiments_gpt_speed.small_nn)."""
-  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+def bare_program(model: str, matmul=None):
+  """(initial parameters, optax.adam, forward, step) of the bare step: the documents' model as plain
+  jax arrays, the CNN's convolutions as matmuls, as in dcmodel on CPU; `matmul` replaces the
+  dense layers' `x @ w` (experiments_gpt_speed.small_nn). Also peers_step's reference."""
   import jax
   import jax.numpy as jnp
   import optax
   from dcmodel.models.cnn import max_pool_2x2
   from dcmodel.models.layers import conv_as_matmul
-  a = np.load(data)
   keys = iter(jax.random.split(jax.random.key(0), 9))
   dense = lambda i, o, shape=None: (jax.random.normal(next(keys), shape or (i, o)) / np.sqrt(i), jnp.zeros(o))
   layers = {"mlp": [dense(64, 256), dense(256, 128), dense(128, 10)], "rec": [dense(100, 64), dense(64, 32), dense(32, 1)],
@@ -249,6 +245,19 @@ def run_xla(model: str, data: Path, epochs: int, matmul=None) -> dict:
     updates, opt = tx.update(jax.grad(loss)(params, *batch), opt, params)
     return (optax.apply_updates(params, updates), opt), None
 
+  return layers, tx, forward, step
+
+
+def run_xla(model: str, data: Path, epochs: int, matmul=None) -> dict:
+  """The same model and Adam as a bare jax.jit + optax step, as many steps per call (lax.scan)
+  as dcmodel, over batches already on the device: no input pipeline, no metrics, no framework;
+  the CNN's convolutions are matmuls, as in dcmodel on CPU. Keras runs on the same XLA, so no
+  framework on XLA gets much further ahead of Keras than this step does: its ratio to Keras bounds
+  the others'. `matmul` replaces the dense layers' `x @ w` (experiments_gpt_speed.small_nn)."""
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  import jax
+  layers, tx, forward, step = bare_program(model, matmul)
+  a = np.load(data)
   calls = jax.jit(lambda carry, xs, ys: jax.lax.scan(step, carry, (xs, ys))[0], donate_argnums=0)
   x, y = a["x_train"], a["y_train"]
   per_epoch, per_call = len(x) // BATCH, DISPATCH[model][0]    # full batches only

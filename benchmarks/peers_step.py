@@ -30,10 +30,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.peers import BATCH, DISPATCH, MODELS, ROOT  # noqa: E402
+from benchmarks.peers import BATCH, DISPATCH, MODELS, ROOT, bare_program  # noqa: E402
 
 
 def overrides(model: str, steps: int) -> list[str]:
@@ -65,38 +64,7 @@ def dcmodel_call(model: str, calls: int, work: str):
 
 def bare_call(model: str, hosts: list[dict]):
   """peers.run_xla's step (same model, optax.adam, scan over the call's steps) on the same batches."""
-  from dcmodel.models.cnn import max_pool_2x2
-  from dcmodel.models.layers import conv_as_matmul
-  keys = iter(jax.random.split(jax.random.key(0), 9))
-  dense = lambda i, o, shape=None: (jax.random.normal(next(keys), shape or (i, o)) / np.sqrt(i), jnp.zeros(o))
-  layers = {"mlp": [dense(64, 256), dense(256, 128), dense(128, 10)], "rec": [dense(100, 64), dense(64, 32), dense(32, 1)],
-            "cnn": [dense(9, 32, (3, 3, 1, 32)), dense(288, 64, (3, 3, 32, 64)), dense(256, 10)]}[model]
-  convs = 2 if model == "cnn" else 0
-
-  def forward(params, x):
-    if convs:
-      x = x.reshape(-1, 8, 8, 1)
-      for w, b in params[:convs]:
-        x = max_pool_2x2(jax.nn.relu(conv_as_matmul(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b))
-    x = x.reshape(x.shape[0], -1)
-    for i, (w, b) in enumerate(params[convs:]):
-      x = x @ w + b
-      x = jax.nn.relu(x) if i < len(params) - convs - 1 else x
-    return x
-
-  def loss(params, x, y):
-    out = forward(params, x)
-    if model == "rec":
-      return optax.sigmoid_binary_cross_entropy(out[:, 0], y.astype(jnp.float32)).mean()
-    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
-
-  tx = optax.adam(1e-3)
-
-  def step(carry, batch):
-    params, opt = carry
-    updates, opt = tx.update(jax.grad(loss)(params, *batch), opt, params)
-    return (optax.apply_updates(params, updates), opt), None
-
+  layers, tx, _, step = bare_program(model)
   call = jax.jit(lambda carry, xy: jax.lax.scan(step, carry, xy)[0], donate_argnums=0)
   batches = [jax.device_put((h["x"].reshape(h["x"].shape[0], BATCH, -1), h["y"])) for h in hosts]
   return call, (layers, tx.init(layers)), batches
