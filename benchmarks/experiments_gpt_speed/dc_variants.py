@@ -13,9 +13,9 @@ Candidates (comma-separated names; `+` joins several, e.g. `qkv+bhtd`):
            heads, head_dim), causal halves in that layout (attention.causal_halves as it was)
   blockN   bhtd, causal over N query blocks each against only the keys up to its end (flash's skip)
   qkv      Q, K, V as one (d, 3d) matmul through layers.matmul, the output projection 2-D too
-  wg       layers.matmul's weight gradient with the small (n, k) product behind an optimization
-           barrier before its transpose: else XLA folds (dY^T X)^T into one TT dot, which runs on
-           Eigen (the MLP output projection's and the unembedding's dW)
+  wg       layers.matmul as it is now (its weight gradient's small (n, k) product behind an
+           optimization barrier before its transpose: else XLA folds (dY^T X)^T into one TT dot,
+           which runs on Eigen); against a --base from before that change
   wgx      wg, and the transposed operand of the weight gradient first materialized as it is (the
            norm's output), so the transposing copy does not recompute the norm at a strided pace
   gelu     tanh GELU with a custom VJP saving only its input (one fusion forward, one backward)
@@ -118,29 +118,6 @@ def _wt_bwd(res, dy):
 wt_matmul.defvjp(_wt_fwd, _wt_bwd)
 
 
-def weight_grad_barrier(x, dy, dtype):
-  """layers.weight_grad with the (n, k) product materialized before its transpose."""
-  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  if x2.shape[1] <= dy2.shape[1]:
-    dw = jax.lax.optimization_barrier(x2.T) @ dy2
-  else:
-    dw = jax.lax.optimization_barrier(jax.lax.optimization_barrier(dy2.T) @ x2).T
-  return dw.astype(dtype)
-
-
-@jax.custom_vjp
-def wg_matmul(x, w):
-  return x @ w
-
-
-def _wg_bwd(res, dy):
-  x, w = res
-  return (dy @ w.T).astype(x.dtype), weight_grad_barrier(x, dy, w.dtype)
-
-
-wg_matmul.defvjp(_wt_fwd, _wg_bwd)
-
-
 def _t(a):
   """a.T of a materialized a, itself materialized: a plain transposing copy."""
   return jax.lax.optimization_barrier(jax.lax.optimization_barrier(a).T)
@@ -166,7 +143,7 @@ def _wgx_bwd(res, dy):
 
 
 wgx_matmul.defvjp(_wt_fwd, _wgx_bwd)
-MATMULS = {"wt": wt_matmul, "wg": wg_matmul, "wgx": wgx_matmul}
+MATMULS = {"wt": wt_matmul, "wg": matmul, "wgx": wgx_matmul}   # wg: landed as layers.weight_grad
 _GELU_C = float(np.sqrt(2 / np.pi))
 
 
