@@ -19,10 +19,9 @@ B, H, K, D = 2, 4, 2, 32     # grouped-query heads: 2 query heads per kv head
 
 
 def inputs(length: int, kv_heads: int = K, dtype=jnp.float32, seed: int = 0):
-  """q, k, v in attend's layout, (batch, heads, length, head_dim)."""
   kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(kq, (B, H, length, D), dtype), jax.random.normal(kk, (B, kv_heads, length, D), dtype),
-          jax.random.normal(kv, (B, kv_heads, length, D), dtype))
+  return (jax.random.normal(kq, (B, length, H, D), dtype), jax.random.normal(kk, (B, length, kv_heads, D), dtype),
+          jax.random.normal(kv, (B, length, kv_heads, D), dtype))
 
 
 def packed(length: int):
@@ -42,8 +41,8 @@ def diff(got, want) -> tuple[float, float]:
 def exact(q, k, v, causal: bool, segment_ids) -> np.ndarray:
   """Attention in float64 NumPy: the reference both float32 paths are measured against."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  k, v = (np.repeat(x, q.shape[1] // x.shape[1], axis=1) for x in (k, v))
-  logits = np.einsum("bhtd,bhsd->bhts", q, k) / np.sqrt(q.shape[-1])
+  k, v = (np.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
+  logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
   ok = np.ones(logits.shape[-2:], bool)
   ok = np.tril(ok) if causal else ok
   if segment_ids is not None:
@@ -51,7 +50,7 @@ def exact(q, k, v, causal: bool, segment_ids) -> np.ndarray:
     ok = ok & (s[:, None, :, None] == s[:, None, None, :])
   logits = np.where(ok, logits, -np.inf)
   p = np.exp(logits - logits.max(-1, keepdims=True))
-  return np.einsum("bhts,bhsd->bhtd", p / p.sum(-1, keepdims=True), v)
+  return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
 
 
 def close(got, want, what: str):
@@ -129,7 +128,7 @@ LENGTH = 384    # three 128-token blocks: the kernel's causal block skipping and
 def test_splash_equals_xla_forward_and_gradients(causal, segments):
   q, k, v = inputs(LENGTH)
   seg = packed(LENGTH) if segments else None
-  probe = jax.random.normal(jax.random.key(1), (B, H, LENGTH, D))   # a loss that weighs every output
+  probe = jax.random.normal(jax.random.key(1), (B, LENGTH, H, D))   # a loss that weighs every output
 
   def run(q, k, v, impl):
     out, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, causal=causal, segment_ids=seg, impl=impl), q, k, v)
@@ -158,7 +157,7 @@ def test_splash_sharded_over_batch_and_heads(kv_heads):
   seg = packed(128)
   q, k, v, seg = (jnp.concatenate([x] * 4) for x in (q, k, v, seg))   # 8 rows over data=4
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    q, k, v = (jax.device_put(x, NamedSharding(mesh, P("data", "model" if x is q else None))) for x in (q, k, v))
+    q, k, v = (jax.device_put(x, NamedSharding(mesh, P("data", None, "model" if x is q else None))) for x in (q, k, v))
     f = lambda impl: jax.jit(jax.value_and_grad(
         lambda q, k, v: (attend(q, k, v, causal=True, segment_ids=seg, impl=impl) ** 2).sum(), argnums=(0, 1, 2)))
     (loss, grads), (want_loss, want_grads) = f("splash")(q, k, v), f("xla")(q, k, v)
@@ -246,12 +245,11 @@ def test_causal_halves_equal_dot_product_attention_forward_and_gradients(length,
   assert length >= CAUSAL_HALVES_MIN
   q, k, v = inputs(length)
   seg = packed(length) if segments else None
-  probe = jax.random.normal(jax.random.key(1), (B, H, length, D))
+  probe = jax.random.normal(jax.random.key(1), (B, length, H, D))
 
   def reference(q, k, v):
     mask = None if seg is None else seg[:, None, :, None] == seg[:, None, None, :]
-    q, k, v = (a.swapaxes(1, 2) for a in (q, k, v))   # jax's layout: (batch, length, heads, head_dim)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla").swapaxes(1, 2)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
 
   def run(fn):
     out, pullback = jax.vjp(fn, q, k, v)

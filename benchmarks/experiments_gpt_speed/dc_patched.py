@@ -35,15 +35,14 @@ def attention_call(self, x, causal, positions, dtype, cache=None, segment_ids=No
   assert cache is None
   cfg = self.cfg
   b, l, d = x.shape
-  proj = lambda w, heads: (matmul(x, w[...].astype(dtype).reshape(d, heads * cfg.head_dim))
-                          .reshape(b, l, heads, cfg.head_dim).swapaxes(1, 2))     # attend's (b, h, t, d)
+  proj = lambda w, heads: matmul(x, w[...].astype(dtype).reshape(d, heads * cfg.head_dim)).reshape(b, l, heads, cfg.head_dim)
   q, k, v = proj(self.wq, cfg.num_heads), proj(self.wk, cfg.kv_heads), proj(self.wv, cfg.kv_heads)
   if cfg.positions == "rope":
     q, k = tf.rope(q, positions), tf.rope(k, positions)
-  q = constrain(q, ("batch", "act_heads", "act_length", None))
+  q = constrain(q, ("batch", "act_length", "act_heads", None))
   out = attend(q, k, v, causal=causal, segment_ids=segment_ids, impl=cfg.attention)
-  out = constrain(out, ("batch", "act_heads", "act_length", None))
-  y = matmul(out.swapaxes(1, 2).reshape(b, l, d), self.wo[...].astype(dtype).reshape(d, d))
+  out = constrain(out, ("batch", "act_length", "act_heads", None))
+  y = matmul(out.reshape(b, l, d), self.wo[...].astype(dtype).reshape(d, d))
   return y + self.bo[...].astype(dtype) if self.bo is not None else y
 
 

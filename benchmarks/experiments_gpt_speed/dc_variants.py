@@ -9,8 +9,6 @@ Candidates (comma-separated names; `+` joins several, e.g. `qkv+bhtd`):
            (einsum "bld,dhk->bhlk"), explicit softmax attention, output projection from it
   einsum   explicit softmax attention by einsums on dcmodel's (batch, time, heads, head_dim)
   tblockN  the same on (batch, time, heads, head_dim)
-  bthd     main's attention before the heads-first layout landed: projections into (batch, time,
-           heads, head_dim), causal halves in that layout (attention.causal_halves as it was)
   blockN   bhtd, causal over N query blocks each against only the keys up to its end (flash's skip)
   qkv      Q, K, V as one (d, 3d) matmul through layers.matmul, the output projection 2-D too
   wg       layers.matmul as it is now (its weight gradient's small (n, k) product behind an
@@ -35,10 +33,7 @@ Candidates (comma-separated names; `+` joins several, e.g. `qkv+bhtd`):
   vec512   xla_cpu_prefer_vector_width=512
   o1       xla_backend_optimization_level=1
 
-  PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.dc_variants --runs bhtd,qkv,fast [--variant gpt] [--rounds 5] [--devices=8] [--profile | --copies]
-
-`--copies` lists each candidate's transposing copies (fusions that transpose or copy, as
-attribute.classify classes them) from its optimized HLO, with their output sizes, instead of timing.
+  PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.dc_variants --runs bhtd,qkv,fast [--variant gpt] [--rounds 5] [--devices=8] [--profile]
 """
 
 from __future__ import annotations
@@ -170,29 +165,9 @@ def gelu(x, approximate: bool = True):
 
 
 
-def _halves_bthd(q, k, v, segment_ids=None):
-  """attention.causal_halves as it was on (batch, time, heads, head_dim), before the heads-first layout."""
-  b, t, h, d = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, t, kv, h // kv, d)
-  half = t // 2
-  outs = []
-  for i in range(2):
-    qi, ki, vi = q[:, i * half:(i + 1) * half], k[:, :(i + 1) * half], v[:, :(i + 1) * half]
-    s = jnp.einsum("bqkgd,bskd->bkgqs", qi, ki, preferred_element_type=jnp.float32) * (d ** -0.5)
-    allowed = jnp.arange((i + 1) * half)[None, :] <= jnp.arange(i * half, (i + 1) * half)[:, None]
-    if segment_ids is not None:
-      allowed = allowed & (segment_ids[:, None, None, i * half:(i + 1) * half, None]
-                           == segment_ids[:, None, None, None, :(i + 1) * half])
-    s = jnp.where(allowed, s, -0.7 * jnp.finfo(jnp.float32).max)
-    outs.append(jnp.einsum("bkgqs,bskd->bqkgd", jax.nn.softmax(s, axis=-1).astype(v.dtype), vi))
-  return jnp.concatenate(outs, axis=1).reshape(b, t, h, d)
-
-
 def make_attention(qkv: bool, layout: str):
   """transformer.Attention.__call__ (training path) with the chosen projection and attention
-  forms. layout: dpa (dcmodel's: attention.attend, heads first), bthd (main's before that: halves on
-  (b, t, h, d)), einsum (explicit on (b, t, h, d)), bhtd (explicit, heads first), [t]blockN."""
+  forms. layout: dpa (dcmodel's: jax.nn.dot_product_attention), einsum (explicit, same layout), bhtd."""
   def call(self, x, causal, positions, dtype, cache=None, segment_ids=None):
     assert cache is None and causal
     cfg = self.cfg
@@ -210,18 +185,14 @@ def make_attention(qkv: bool, layout: str):
     if self.bq is not None:
       shape = (1, 1, -1, hd) if layout in BTHD else (1, -1, 1, hd)
       q, k, v = (t + bb[...].astype(dtype).reshape(shape) for t, bb in ((q, self.bq), (k, self.bk), (v, self.bv)))
-    if cfg.positions == "rope":   # tf.rope takes heads first
-      if layout in BTHD:
+    if cfg.positions == "rope":
+      if layout not in BTHD:
         q, k = (tf.rope(a.swapaxes(1, 2), positions, cfg.rope_theta).swapaxes(1, 2) for a in (q, k))
       else:
         q, k = tf.rope(q, positions, cfg.rope_theta), tf.rope(k, positions, cfg.rope_theta)
     if layout == "dpa":
-      q = constrain(q, ("batch", "act_heads", "act_length", None))
-      out = constrain(attend(q, k, v, causal=True, segment_ids=segment_ids, impl=cfg.attention),
-                      ("batch", "act_heads", "act_length", None))
-    elif layout == "bthd":
       q = constrain(q, ("batch", "act_length", "act_heads", None))
-      out = constrain(_halves_bthd(q, k, v, segment_ids), ("batch", "act_length", "act_heads", None))
+      out = attend(q, k, v, causal=True, segment_ids=segment_ids, impl=cfg.attention)
     elif layout.startswith("block"):
       out = _blocked(q, k, v, segment_ids, int(layout[5:]))
     elif layout.startswith("tblock"):
@@ -254,8 +225,8 @@ OPTIONS = {
   "o1": {"xla_backend_optimization_level": 1},
 }
 SETS = {"bf16": ["model.dtype=bfloat16"], "remat": ["model.remat=dots"]}
-LAYOUTS = ("bhtd", "bthd", "einsum", "block2", "block4", "tblock2", "tblock4")
-BTHD = ("bthd", "einsum", "tblock2", "tblock4")
+LAYOUTS = ("bhtd", "einsum", "block2", "block4", "tblock2", "tblock4")
+BTHD = ("dpa", "einsum", "tblock2", "tblock4")
 
 
 def candidate(spec: str):
@@ -297,19 +268,6 @@ def compiled(variant: str, spec: str, extra_sets=(), devices: int = 1):
   return {"exe": exe, "state": state, "batch": batch, "first": first, "compile_s": compile_s, "times": []}
 
 
-def copies(name: str, hlo: str) -> None:
-  """Print the transposing copies of one compiled step, largest first, and their total size."""
-  found = []
-  for inst_name, inst in attribute._instructions(hlo).items():
-    if attribute.classify(inst_name, inst).startswith("transposing copy"):
-      dims = [int(n) for n in inst[0].split("[")[1].split("]")[0].split(",") if n] if "[" in inst[0] else []
-      found.append((4 * int(np.prod(dims)) if dims else 0, inst_name, inst[0]))
-  found.sort(reverse=True)
-  print(f"=== {name}: {len(found)} transposing copies, {sum(f[0] for f in found) / 2 ** 20:.1f} MiB written per step")
-  for size, inst_name, shape in found:
-    print(f"  {size / 2 ** 20:7.2f} MiB  {inst_name}  {shape}")
-
-
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--variant", default="gpt")
@@ -320,12 +278,7 @@ def main():
   p.add_argument("--out", help="write the result JSON here")
   p.add_argument("--devices", type=int, default=1, help="simulated CPU devices (data parallel); set before jax loads")
   p.add_argument("--profile", action="store_true", help="instead of timing, attribute each candidate op by op (attribute.py)")
-  p.add_argument("--copies", action="store_true", help="instead of timing, list the transposing copies in the optimized HLO")
   args = p.parse_args()
-  if args.copies:
-    for name in ["dcmodel", *filter(None, args.runs.split(","))]:
-      copies(name, compiled(args.variant, name, args.set, args.devices)["exe"].as_text())
-    return
   if args.profile:
     for name in ["dcmodel", *filter(None, args.runs.split(","))]:
       r = compiled(args.variant, name, args.set, args.devices)

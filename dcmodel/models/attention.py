@@ -12,13 +12,8 @@
   auto    cudnn on GPU, splash on TPU, xla elsewhere, and xla wherever the kernel cannot take the
           call (`unfit` says where).
 
-Every path takes and returns (batch, heads, length, head_dim), heads before positions: the
-projections write it, splash and the KV cache hold it, XLA's batched dots read it without
-transposing copies; only jax.nn.dot_product_attention (the xla fallback, cudnn) is handed a
-swapped view, its API's (batch, length, heads, head_dim).
-
 An explicit kernel that cannot take a whole-row call (training, evaluation) is a UserError naming
-why. Decoding does not come here: the KV cache attends with its per-row mask (transformer.KVCache.attend,
+why. Decoding does not come here: the KV cache attends in its own layout (transformer.KVCache.attend,
 plain XLA on every platform), so every trained model can generate whatever the setting. A `mask`
 given here (any per-row mask) goes to XLA under `auto`.
 """
@@ -110,57 +105,51 @@ def choose(impl: str, *, backend: str, dtype, q_len: int, kv_len: int, head_dim:
 
 def attend(q, k, v, *, causal: bool, segment_ids=None, mask=None, impl: str = "auto",
            backend: str | None = None):
-  """Softmax attention. q (batch, heads, length, head_dim); k, v (batch, kv_heads, kv_length,
-  head_dim), heads a multiple of kv_heads: heads before positions, the layout the projections
-  write (transformer.Attention), the splash kernel and the KV cache take, and XLA's batched dots
-  want (none of them transposes). `segment_ids` (batch, length): a token attends only within its
-  own segment (packed documents). `mask` (batch, 1, length, kv_length), True where a query may
-  attend. `backend`: the platform the program is built for (cpu, cuda, rocm, tpu; default this
-  process's; pass another to lower ahead of time for it)."""
+  """Softmax attention. q (batch, length, heads, head_dim); k, v (batch, kv_length, kv_heads,
+  head_dim), heads a multiple of kv_heads. `segment_ids` (batch, length): a token attends only
+  within its own segment (packed documents). `mask` (batch, 1, length, kv_length), True where a
+  query may attend: the KV cache's. `backend`: the platform the program is built for (cpu, cuda,
+  rocm, tpu; default this process's; pass another to lower ahead of time for it)."""
   backend = backend or _platform()
-  use = choose(impl, backend=backend, dtype=q.dtype, q_len=q.shape[2], kv_len=k.shape[2], head_dim=q.shape[-1],
+  use = choose(impl, backend=backend, dtype=q.dtype, q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[-1],
                masked=segment_ids is not None or mask is not None, cache=mask is not None)
   if use == "splash":
     return splash(q, k, v, causal=causal, segment_ids=segment_ids, interpret=backend != "tpu")
-  if (use == "xla" and causal and mask is None and q.shape[2] == k.shape[2] and q.shape[2] >= CAUSAL_HALVES_MIN
-      and q.shape[2] % 2 == 0 and _HALVES.get()):
+  if (use == "xla" and causal and mask is None and q.shape[1] == k.shape[1] and q.shape[1] >= CAUSAL_HALVES_MIN
+      and q.shape[1] % 2 == 0 and _HALVES.get()):
     return causal_halves(q, k, v, segment_ids)
   if segment_ids is not None:
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     mask = same if mask is None else mask & same
-  # jax's API (and cuDNN's call through it) takes (batch, length, heads, head_dim)
-  q, k, v = (a.swapaxes(1, 2) for a in (q, k, v))
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=use).swapaxes(1, 2)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=use)
 
 
 def causal_halves(q, k, v, segment_ids=None):
   """Causal self-attention in XLA as two query halves, the first against the first half of the
   keys only: the quarter of the logits above the diagonal is never computed (a flash kernel's
-  block skipping, at the coarsest grain). attend's layout (batch, heads, length, head_dim); the
-  result of jax.nn.dot_product_attention(is_causal=True) up to float rounding; GQA as there.
-  The benchmark GPT's step (T=128) on XLA:CPU: attention dots 217 -> ~110 ms, the step 1.095x
-  faster with the dot-only YNNPACK option (train/step.py), 1.03x without it (dc_variants.py
-  tblock2); heads first, 1.011-1.057x more (dc_variants.py: the step against `bthd`, the halves
-  on (b, t, h, d); paired medians of three runs on a loaded host)."""
-  b, h, t, d = q.shape
-  kv = k.shape[1]
-  q = q.reshape(b, kv, h // kv, t, d)
+  block skipping, at the coarsest grain). Same layout and result as
+  jax.nn.dot_product_attention(is_causal=True) up to float rounding; GQA as there. The benchmark
+  GPT's step (T=128) on XLA:CPU: attention dots 217 -> ~110 ms, the step 1.095x faster with the
+  dot-only YNNPACK option (train/step.py), 1.03x without it (dc_variants.py tblock2)."""
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, d)
   half = t // 2
   outs = []
   for i in range(2):
-    qi, ki, vi = q[:, :, :, i * half:(i + 1) * half], k[:, :, :(i + 1) * half], v[:, :, :(i + 1) * half]
-    s = jnp.einsum("bkgqd,bksd->bkgqs", qi, ki, preferred_element_type=jnp.float32) * (d ** -0.5)
+    qi, ki, vi = q[:, i * half:(i + 1) * half], k[:, :(i + 1) * half], v[:, :(i + 1) * half]
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qi, ki, preferred_element_type=jnp.float32) * (d ** -0.5)
     allowed = jnp.arange((i + 1) * half)[None, :] <= jnp.arange(i * half, (i + 1) * half)[:, None]
     if segment_ids is not None:
       allowed = allowed & (segment_ids[:, None, None, i * half:(i + 1) * half, None]
                            == segment_ids[:, None, None, None, :(i + 1) * half])
     s = jnp.where(allowed, s, -0.7 * jnp.finfo(jnp.float32).max)
-    outs.append(jnp.einsum("bkgqs,bksd->bkgqd", jax.nn.softmax(s, axis=-1).astype(v.dtype), vi))
-  return jnp.concatenate(outs, axis=3).reshape(b, h, t, d)
+    outs.append(jnp.einsum("bkgqs,bskd->bqkgd", jax.nn.softmax(s, axis=-1).astype(v.dtype), vi))
+  return jnp.concatenate(outs, axis=1).reshape(b, t, h, d)
 
 
 def splash(q, k, v, *, causal: bool, segment_ids=None, interpret: bool = False):
-  """The splash kernel over (batch, heads, length, head_dim) arrays. Under a mesh, shard_mapped:
+  """The splash kernel over (batch, length, heads, head_dim) arrays. Under a mesh, shard_mapped:
   a Pallas call is opaque to XLA's partitioner, which would otherwise gather it onto every
   device. Batch and heads stay split as the rules say; the length is whole on each device
   (the kernel's mask is over the full sequence)."""
@@ -169,14 +158,14 @@ def splash(q, k, v, *, causal: bool, segment_ids=None, interpret: bool = False):
   if mesh is None or mesh.empty:
     return local(q, k, v, segment_ids)
   batch, heads = logical_spec(("batch", "act_heads"))
-  if k.shape[1] % math.prod(mesh.shape[a] for a in _names(heads)):
+  if k.shape[2] % math.prod(mesh.shape[a] for a in _names(heads)):
     # kv heads that do not split over the head shards (e.g. one, multi-query): give each query
     # head its own copy, so each device holds the keys and values of its query heads.
-    group = q.shape[1] // k.shape[1]
-    k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
   # k and v split over the heads as q is, whatever their own rule: the kernel pairs local query
   # head h with local kv head h // group, true when both split into the same number of pieces.
-  spec = P(batch, heads, None, None)
+  spec = P(batch, None, heads, None)
   seg = None if segment_ids is None else P(batch, None)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg), out_specs=spec,
                        check_vma=False)(q, k, v, segment_ids)
@@ -187,8 +176,8 @@ def _names(axes) -> tuple:
 
 
 def _splash_local(q, k, v, segment_ids, *, causal: bool, interpret: bool):
-  """One device's batch: the kernel vmapped over rows, each in its (heads, length, head_dim) layout."""
-  _, heads, length, head_dim = q.shape
+  """One device's batch: the kernel vmapped over rows, in its (heads, length, head_dim) layout."""
+  _, length, heads, head_dim = q.shape
   block = next(b for b in SPLASH_BLOCKS if length % b == 0)
   blocks = splash_kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                                     block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -197,13 +186,14 @@ def _splash_local(q, k, v, segment_ids, *, causal: bool, interpret: bool):
   kernel = splash_kernel.make_splash_mha(splash_mask.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1,
                                          block_sizes=blocks, interpret=interpret)
   # The kernel does not scale the logits: scale q as jax.nn.dot_product_attention does.
-  q = q * jnp.asarray(1.0 / np.sqrt(head_dim), q.dtype)
+  q = (q * jnp.asarray(1.0 / np.sqrt(head_dim), q.dtype)).swapaxes(1, 2)
+  k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
   if segment_ids is None:
     out = jax.vmap(kernel)(q, k, v)
   else:
     ids = segment_ids.astype(jnp.int32)
     out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash_kernel.SegmentIds(s, s)))(q, k, v, ids)
-  return out
+  return out.swapaxes(1, 2)
 
 
 @functools.cache

@@ -135,12 +135,12 @@ def _norm(cfg, rngs):
 
 
 def rope(x, positions, base: float = 10000.0):
-  """Rotary embedding on (..., heads, length, head_dim); positions (length,) or (batch, length).
+  """Rotary embedding on (..., length, heads, head_dim); positions (length,) or (batch, length).
   The rotate-half layout: dimension i pairs with i + head_dim/2 (as Hugging Face's Llama)."""
   half = x.shape[-1] // 2
   freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions[..., None].astype(jnp.float32) * freq                   # (..., length, half)
-  sin, cos = jnp.sin(angle)[..., None, :, :], jnp.cos(angle)[..., None, :, :]   # over the heads
+  sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
@@ -153,8 +153,7 @@ class KVCache:
   Rows move independently: an offline batch (generate) keeps every row at the same index, a
   serving engine's slots are each at their own, joining and leaving between steps. Heads come
   before positions so attention reads the cache as it lies (no transpose of the whole cache
-  per step, which dominated a CPU decode step in the other order): attention.attend's layout,
-  which the projections write."""
+  per step, which dominated a CPU decode step in the other order)."""
   k: jax.Array
   v: jax.Array
   index: jax.Array          # (batch,): position of the first token being written, per row
@@ -173,9 +172,9 @@ class KVCache:
     return self.k.shape[2]
 
   def write(self, k, v) -> "KVCache":
-    """Each row's new keys and values, (batch, kv_heads, new, head_dim), at its own index (the
+    """Each row's new keys and values, (batch, new, kv_heads, head_dim), at its own index (the
     caller keeps index + new <= length)."""
-    put = jax.vmap(lambda cache, new, i: jax.lax.dynamic_update_slice(cache, new, (0, i, 0)))
+    put = jax.vmap(lambda cache, new, i: jax.lax.dynamic_update_slice(cache, new.transpose(1, 0, 2), (0, i, 0)))
     k = constrain(put(self.k, k.astype(self.k.dtype), self.index), self.AXES)
     v = constrain(put(self.v, v.astype(self.v.dtype), self.index), self.AXES)
     return dataclasses.replace(self, k=k, v=v)
@@ -191,15 +190,15 @@ class KVCache:
     return (key[None, None, :] <= query[:, :, None]) & (key[None, None, :] >= self.start[:, None, None])
 
   def attend(self, q):
-    """Attention of queries (batch, heads, new, head_dim) over the cache (GQA: each KV head
+    """Attention of queries (batch, new, heads, head_dim) over the cache (GQA: each KV head
     serves heads / kv_heads queries), as jax.nn.dot_product_attention computes it."""
-    b, h, n, d = q.shape
+    b, n, h, d = q.shape
     kv = self.k.shape[1]
-    q = q.reshape(b, kv, h // kv, n, d)
-    logits = jnp.einsum("bkgnd,bksd->bkgns", q, self.k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    q = q.reshape(b, n, kv, h // kv, d)
+    logits = jnp.einsum("bnkgd,bksd->bkgns", q, self.k, preferred_element_type=jnp.float32) * (d ** -0.5)
     logits = jnp.where(self.mask(n)[:, None, None], logits, -0.7 * jnp.finfo(jnp.float32).max)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.v.dtype)
-    return jnp.einsum("bkgns,bksd->bkgnd", probs, self.v).reshape(b, h, n, d).astype(q.dtype)
+    return jnp.einsum("bkgns,bksd->bnkgd", probs, self.v).reshape(b, n, h, d).astype(q.dtype)
 
 
 class Attention(nnx.Module):
@@ -220,25 +219,22 @@ class Attention(nnx.Module):
 
   def __call__(self, x, causal: bool, positions, dtype, cache: KVCache | None = None, segment_ids=None):
     cfg = self.cfg
-    # Heads before positions (attention.attend's layout), written so by the projections: the
-    # attention's batched dots need fewer transposing copies (36 instead of 64 in the benchmark
-    # GPT's step on XLA:CPU, 1.011-1.057x; experiments_gpt_speed/README.md). Weights keep their shapes.
-    q = jnp.einsum("bld,dhk->bhlk", x, self.wq[...].astype(dtype))
-    k = jnp.einsum("bld,dhk->bhlk", x, self.wk[...].astype(dtype))
-    v = jnp.einsum("bld,dhk->bhlk", x, self.wv[...].astype(dtype))
+    q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dtype))
+    k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dtype))
+    v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(dtype))
     if self.bq is not None:
-      q, k, v = (t + b[...].astype(dtype)[:, None] for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
+      q, k, v = (t + b[...].astype(dtype) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
     if cfg.positions == "rope":
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    q = constrain(q, ("batch", "act_heads", "act_length", None))
+    q = constrain(q, ("batch", "act_length", "act_heads", None))
     if cache is None:
       # Packed rows: a token attends only within its own document (same segment id).
       out = attend(q, k, v, causal=causal, segment_ids=segment_ids, impl=cfg.attention)   # GQA: k/v heads are shared
     else:
       cache = cache.write(k, v)
       out = cache.attend(q)     # decoding: the cache's own layout and mask, plain XLA on every platform
-    out = constrain(out, ("batch", "act_heads", "act_length", None))
-    y = jnp.einsum("bhlk,hkd->bld", out, self.wo[...].astype(dtype))
+    out = constrain(out, ("batch", "act_length", "act_heads", None))
+    y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
     y = y + self.bo[...].astype(dtype) if self.bo is not None else y
     return y if cache is None else (y, cache)
 

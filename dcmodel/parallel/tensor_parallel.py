@@ -55,7 +55,7 @@ def attention(mesh, params: dict, x, causal: bool = True, rope_fn=None):
     v = jnp.einsum("bld,dhk->blhk", x, p["wv"]) + p.get("bv", 0.0)
     if rope_fn is not None:
       positions = jnp.arange(x.shape[1])
-      q, k = (rope_fn(a.swapaxes(1, 2), positions).swapaxes(1, 2) for a in (q, k))   # rope takes heads first
+      q, k = rope_fn(q, positions), rope_fn(k, positions)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)       # local heads only
     return jax.lax.psum(jnp.einsum("blhk,hkd->bld", out, p["wo"]), "model")
 
