@@ -428,8 +428,9 @@ def build_app(service: Service) -> FastAPI:
 
 
 def describe(service: Service) -> str:
-  what = (f"{service.engine.slots} slots, context {service.context} tokens, prefill buckets {service.engine.buckets}"
-          if service.engine else f"predict, batches up to {service.options.max_batch} rows")
+  engine = service.engine
+  what = (f"{engine.slots} slots, context {service.context} tokens, prefill buckets {engine.buckets} x "
+          f"{list(engine.prefill_rows)} rows" if engine else f"predict, batches up to {service.options.max_batch} rows")
   return (f"{service.name} ({service.cfg.model.name}) from checkpoint step {service.step} on mesh "
           f"{dict((k, v) for k, v in service.worker.placed.mesh.shape.items() if v > 1) or '1 device'} "
           f"({jax.device_count()} {jax.devices()[0].platform} devices): {what}")
