@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import os
@@ -161,19 +162,15 @@ def _run_load(url: str, concurrency: int, texts: list[str], stream: bool) -> tup
   return asyncio.run(_load(url, concurrency, texts, stream))
 
 
-_CLIENT: list[concurrent.futures.ProcessPoolExecutor] = []
-
-
+@functools.cache
 def client() -> concurrent.futures.ProcessPoolExecutor:
   """The load generator's own process, at a lower priority (nice 10) than the servers. It shares
   this host's 2 cores with the servers it measures; lowered, it takes the CPU they leave, as
   clients on other machines would. At equal priority, in one interleaved run of 3 rounds (256
   requests, 16 clients), it held the 16-slot server to 0.86x its tokens/s streamed (0.93x whole
   answers) and the 1-slot server to 1.01x / 0.99x."""
-  if not _CLIENT:
-    _CLIENT.append(concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                          initializer=os.nice, initargs=(10,)))
-  return _CLIENT[0]
+  return concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=os.nice,
+                                               initargs=(10,))
 
 
 def load(url: str, concurrency: int, requests: int, seed: int = 0, stream: bool = True) -> dict:
