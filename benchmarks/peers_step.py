@@ -6,6 +6,8 @@ process (rounds alternate the order).
 - bare: peers.run_xla's step (jax.jit + optax.adam, lax.scan over the call's steps);
 - step: dcmodel's jitted call as the loop runs it (setup's `train_step`: the leaf-list step with
   the non-finite guard, the task's metric sums, grad norm and learning rate, totals on device);
+- host: the same call given the host's numpy batches (as the loop gives them: placed on dispatch);
+- loop: the loop's per-call work: the next stacked batch from the Grain iterator, then the call;
 - --variants name=guard:norm:sums[:xla_option=value+...]: the step rebuilt with other forms of
   its non-finite guard (cond: lax.cond, the form before; where: leaf-by-leaf select; none), of the
   gradient norm (optax: per-leaf reductions; concat; dot: one dot of the concatenated leaves;
@@ -32,6 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from dcmodel.data import pipeline  # noqa: E402
+
 from benchmarks.peers import BATCH, DISPATCH, MODELS, ROOT, bare_program  # noqa: E402
 
 
@@ -46,7 +50,6 @@ def overrides(model: str, steps: int) -> list[str]:
 def dcmodel_call(model: str, calls: int, work: str):
   """(call, carry, batches): setup's jitted leaf step over `calls` device-resident stacked batches."""
   from dcmodel import experiment
-  from dcmodel.data import pipeline
   from dcmodel.train.setup import setup
   cfg = experiment.load(ROOT / "experiments" / f"{MODELS[model][0]}.py", overrides(model, 10 ** 6))
   run = setup(cfg, work, jax.devices()[:1])
@@ -95,7 +98,11 @@ def main(argv=None) -> int:
       dc, dc_carry, dc_batches, run, hosts = dcmodel_call(model, 8, work)
       bare, bare_carry, bare_batches = bare_call(model, hosts)
       bare_carry = bare(bare_carry, bare_batches[0])
-      contenders = {"bare": (bare, bare_carry, bare_batches), "step": (dc, dc_carry, dc_batches)}
+      host_batches = [pipeline.step_inputs(h, run.call_sharding, run.dataset.device_keys) for h in hosts]
+      fetch = lambda carry, _: dc(carry, pipeline.step_inputs(next(run.iterator), run.call_sharding, run.dataset.device_keys))
+      copy = lambda: (jax.tree.map(jnp.copy, run.leaves), run.zero_totals())
+      contenders = {"bare": (bare, bare_carry, bare_batches), "step": (dc, dc_carry, dc_batches),
+                    "host": (dc, copy(), host_batches), "loop": (fetch, copy(), host_batches)}
       jitted = {"bare": bare, "step": run.train_step}
       with run.placed.context():
         for spec in filter(None, args.variants.split(",")):
@@ -108,6 +115,8 @@ def main(argv=None) -> int:
           out = Path(args.hlo)
           out.mkdir(parents=True, exist_ok=True)
           for name, (call, carry, batches) in contenders.items():
+            if name not in jitted:
+              continue
             args_ = (carry, batches[0]) if name == "bare" else (*carry, batches[0])
             (out / f"{model}_{name}.hlo.txt").write_text(jitted[name].lower(*args_).compile().as_text())
       carries = {k: v[1] for k, v in contenders.items()}

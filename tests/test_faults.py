@@ -176,6 +176,27 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
   assert_trees_equal(four.state, three.state)
 
 
+def test_nonfinite_apply_applies_counts_and_never_checkpoints_it(tmp_path):
+  def poison(step, batch):
+    if step == 7:
+      batch["x"][:] = np.nan
+  # all steps finite: the unguarded step computes what the guarded one does (another program, so
+  # XLA may fuse it otherwise: equal to float32 rounding, not bitwise)
+  three = _run(tmp_path, "three", "train.steps=3", "train.log_every=1", "checkpoint.enabled=false")
+  applied = _run(tmp_path, "applied", "train.steps=3", "train.log_every=1", "checkpoint.enabled=false", "train.nonfinite=apply")
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), applied.state, three.state)
+  records = [r for r in read(tmp_path / "applied" / "metrics.jsonl") if r["split"] == "train"]
+  assert records[-1]["nonfinite_steps"] == 0 and "skipped_nonfinite_steps" not in records[-1]
+  # a poisoned step is applied (the parameters turn NaN, as in PyTorch), counted, and never saved
+  with pytest.raises(UserError, match=r"refusing to checkpoint step 10: the state holds NaN or Inf \(train.nonfinite=apply\); "
+                                      r"training stopped; last checkpoint: 5"):
+    _run(tmp_path, "w", "train.log_every=5", "train.nonfinite=apply", hooks=(poison,))
+  records = [r for r in read(tmp_path / "w" / "metrics.jsonl") if r["split"] == "train"]
+  assert records[-1]["nonfinite_steps"] == 3 and np.isnan(records[-1]["loss"])   # step 8 and the two after it, on NaN parameters
+  state = saved_state(tmp_path / "w", 5)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state) if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
 def test_nonfinite_stop_stops_with_a_message_and_keeps_checkpoints_finite(tmp_path):
   def poison(step, batch):
     if step == 7:

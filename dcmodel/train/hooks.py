@@ -118,12 +118,14 @@ class Metrics(Hook):
   """The one host sync of a metrics window: the step's device-side sums fetched, summarized and
   written to the run's sinks (metrics.jsonl, TensorBoard): the task's metrics, the gradient norm
   and learning rate (means over the window's applied steps), step time, examples/s, tokens/s and
-  MFU (the model's FLOPs per step from perf.accounting against the devices' peak). Also enforces
+  MFU (the model's FLOPs per step from perf.accounting against the devices' peak), and the count of
+  non-finite steps: skipped ones (`skipped_nonfinite_steps`), or with train.nonfinite=apply applied
+  ones (`nonfinite_steps`, the window's sums then hold their NaN/Inf). Also enforces
   train.nonfinite=stop."""
 
   def __init__(self, every_steps: int):
     self.schedule = Schedule(every_steps=every_steps, at_end=True)
-    self.skipped = 0
+    self.nonfinite = 0    # steps with a NaN/Inf loss or gradient so far (skipped, or applied)
 
   def __call__(self, run) -> None:
     window = run.take_window()
@@ -131,22 +133,23 @@ class Metrics(Hook):
       return
     total, elapsed, steps = window
     nonfinite = int(total.pop("nonfinite"))
-    self.skipped += nonfinite
-    applied = max(steps - nonfinite, 1)
+    self.nonfinite += nonfinite
+    apply = run.cfg.train.nonfinite == "apply"
+    applied = steps if apply else max(steps - nonfinite, 1)
     means = {k: total.pop(k) / applied for k in ("grad_norm", "learning_rate") if k in total}
     metrics = tasks.summarize(total, run.cfg.model.task)
     tokens = metrics["tokens"] if "tokens" in metrics else run.throughput.tokens_per_step * steps
-    record = {"step": run.step, "split": "train", **metrics, **means, "skipped_nonfinite_steps": self.skipped,
+    record = {"step": run.step, "split": "train", **metrics, **means, ("nonfinite_steps" if apply else "skipped_nonfinite_steps"): self.nonfinite,
               "step_time_s": elapsed / steps, "steps_per_s": steps / elapsed, "examples_per_s": metrics["examples"] / elapsed,
               "tokens_per_s": tokens / elapsed, "mfu": run.throughput.flops_per_step * steps / elapsed / run.throughput.peak_flops}
     run.write(record)
     run.last_metrics = metrics
-    if self.skipped and run.cfg.train.nonfinite == "stop":
+    if self.nonfinite and run.cfg.train.nonfinite == "stop":
       last = None
       if run.checkpointer:
         run.checkpointer.wait()
         last = run.checkpointer.latest_step()
-      raise UserError(f"non-finite loss or gradients in {self.skipped} step(s) between steps {run.step - steps + 1} "
+      raise UserError(f"non-finite loss or gradients in {self.nonfinite} step(s) between steps {run.step - steps + 1} "
                       f"and {run.step}; their updates were not applied and training stopped (train.nonfinite=stop); "
                       f"last checkpoint: {last}")
 
@@ -178,7 +181,12 @@ class Checkpoint(Hook):
 
   def __call__(self, run) -> None:
     if run.step > run.start_step:     # a run resumed at its last step has nothing new to save
-      run.checkpointer.save(run.step, run.state(), run.iterator)
+      try:
+        run.checkpointer.save(run.step, run.state(), run.iterator)
+      except FloatingPointError as e:   # reachable with train.nonfinite=apply: a NaN/Inf update was applied
+        run.checkpointer.wait()
+        raise UserError(f"{e} (train.nonfinite={run.cfg.train.nonfinite}); training stopped; "
+                        f"last checkpoint: {run.checkpointer.latest_step()}") from e
       run.saved_step = run.step
 
 

@@ -34,7 +34,7 @@ from dcmodel.train import state as state_lib
 from dcmodel.train import tasks
 from dcmodel.train.evaluate import MAX_IN_FLIGHT
 from dcmodel.train.metrics import MetricsWriter
-from dcmodel.train.step import make_eval_step, make_train_step, on_leaves, stacked, zero_totals
+from dcmodel.train.step import NONFINITE, make_eval_step, make_train_step, on_leaves, stacked, zero_totals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +197,8 @@ def check_run(cfg: Config, placed: state_lib.Placed) -> None:
     raise UserError(f"data.global_batch_size={cfg.data.global_batch_size} must be a multiple of train.grad_accum_steps "
                     f"x batch axes = {cfg.train.grad_accum_steps} x {batch_divisor(mesh)}")
   tasks.get(cfg.model.task)
-  if cfg.train.nonfinite not in ("skip", "stop"):
-    raise UserError(f"train.nonfinite must be 'skip' or 'stop', got '{cfg.train.nonfinite}'")
+  if cfg.train.nonfinite not in NONFINITE:
+    raise UserError(f"train.nonfinite must be 'skip', 'stop' or 'apply', got '{cfg.train.nonfinite}'")
 
 
 def batch_bytes(cfg: Config, batch_size: int) -> int:
@@ -273,7 +273,7 @@ def setup(cfg: Config, workdir: str | Path, devices=None) -> Run:
       task_fn = tasks.get(cfg.model.task)
       step = make_train_step(placed.graphdef, task_fn, placed.shardings, data_sharding, spec.inputs,
                              cfg.train.grad_accum_steps, per_call, dropout_seed, cfg.train.dispatch_unroll,
-                             optimizer.schedule(cfg.optimizer, cfg.train.steps))
+                             optimizer.schedule(cfg.optimizer, cfg.train.steps), guard=cfg.train.nonfinite != "apply")
       call_sharding = stacked(data_sharding) if per_call > 1 else data_sharding
       eval_step = make_eval_step(placed.graphdef, task_fn, placed.shardings, data_sharding, spec.inputs)
       leaf_step = on_leaves(step, placed.shardings, call_sharding, cfg.model.CPU_COMPILER_OPTIONS)
