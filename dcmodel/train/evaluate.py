@@ -16,10 +16,13 @@ from dcmodel.train import tasks
 MAX_IN_FLIGHT = 4
 
 
-def bound_in_flight(outputs: list) -> None:
-  """Call after appending a dispatched call's output: waits for the one MAX_IN_FLIGHT back."""
+def bound_in_flight(outputs: list, keep: bool = True) -> None:
+  """Call after appending a dispatched call's output: waits for the one MAX_IN_FLIGHT back. Without
+  `keep`, the outputs waited for leave the list (a long run would otherwise hold every call's)."""
   if len(outputs) > MAX_IN_FLIGHT:
     jax.block_until_ready(outputs[-MAX_IN_FLIGHT - 1])
+    if not keep:
+      del outputs[:-MAX_IN_FLIGHT]
 
 
 def evaluate(eval_step, state, dataset, split: str, global_batch_size: int, sharding, task: str) -> dict:

@@ -52,7 +52,7 @@ def loop(run: Run, hooks: list, batch_hooks: tuple[BatchHook, ...] = ()) -> None
           hook(run.step + i, batch)
       run.step_once(pipeline.step_inputs(host, run.call_sharding, run.dataset.device_keys))
       pending.append(run.totals)
-      bound_in_flight(pending)
+      bound_in_flight(pending, keep=False)
       run.step += per_call
       for hook in hooks:          # a stop one hook asks for is final for the hooks after it
         if hook.schedule.due(run.step, run.step >= steps or bool(run.stopping)):
