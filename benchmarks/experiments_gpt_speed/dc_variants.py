@@ -28,6 +28,7 @@ Candidates (comma-separated names; `+` joins several, e.g. `qkv+bhtd`):
   ynn_elt  YNNPACK fusions of elementwise ops too (xla_cpu_experimental_ynn_fusion_type=dot,eltwise)
   ynn_red  ... and of reductions (dot,eltwise,reduce)
   conc     xla_cpu_enable_concurrency_optimized_scheduler
+  cira     copy insertion's region analysis (ModelConfig.CPU_COMPILER_OPTIONS' default; not the transformers')
   noeigen  xla_cpu_multi_thread_eigen=false
   onednn   xla_cpu_use_onednn
   vec512   xla_cpu_prefer_vector_width=512
@@ -219,6 +220,7 @@ OPTIONS = {
   "ynn_red": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,"
                                                       "LIBRARY_FUSION_TYPE_REDUCE"},
   "conc": {"xla_cpu_enable_concurrency_optimized_scheduler": True},
+  "cira": {"xla_cpu_copy_insertion_use_region_analysis": True},   # ModelConfig's default CPU option
   "noeigen": {"xla_cpu_multi_thread_eigen": False},
   "onednn": {"xla_cpu_use_onednn": True},
   "vec512": {"xla_cpu_prefer_vector_width": 512},

@@ -54,7 +54,9 @@ class TransformerConfig(ModelConfig):
   # (the norms' backward), whose broadcast operands XLA then materializes as (batch, length, width)
   # arrays. The benchmark GPT's step: 1.038x (paired median of 10 interleaved rounds, three runs
   # 1.034-1.038; loss equal to 4e-7; experiments_gpt_speed/dc_variants.py ynn_dot). Not for every
-  # family: the documents' CNN ran 0.81x with it (experiments_gpt_speed/small_opts.py).
+  # family: the documents' CNN ran 0.81x with it (experiments_gpt_speed/small_opts.py). Without
+  # the default's copy-insertion region analysis, which cost the benchmark GPT's step 2% on one
+  # device and 6% on 8 (dc_variants ynn_dot / dcmodel against cira+ynn_dot, 5 paired rounds each).
   CPU_COMPILER_OPTIONS: ClassVar[dict] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
   @property

@@ -10,16 +10,10 @@ from dcmodel.mesh import replicated
 from dcmodel.train.tasks import PER_EXAMPLE
 
 
-# XLA:CPU options of every train step: copy insertion that sees through the scan's loop, so a
-# leaf's fused update may read the old optimizer moments it also overwrites in place without a
-# copy of each first (the non-finite guard's selects otherwise cost the recommender 12 copies a step).
-COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-
-
 def compiler_options(cpu_options: dict | None, sharding) -> dict | None:
-  """COMPILER_OPTIONS and `cpu_options` (a model family's CPU_COMPILER_OPTIONS) if the batch placed
-  by `sharding` is on CPU devices, else none."""
-  return {**COMPILER_OPTIONS, **(cpu_options or {})} if sharding.mesh.devices.flat[0].platform == "cpu" else None
+  """`cpu_options` (a model family's CPU_COMPILER_OPTIONS) if the batch placed by `sharding` is on
+  CPU devices, else none."""
+  return (cpu_options or None) if sharding.mesh.devices.flat[0].platform == "cpu" else None
 
 
 # train.nonfinite: a step with a non-finite loss or gradient is skipped (counted), skipped and the run
@@ -114,8 +108,8 @@ def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=(
       return update(state), {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
     # Selected leaf by leaf, not lax.cond: each select fuses into the optimizer's own elementwise
     # update of that leaf. A conditional ran the recommender's step at 0.72 of the unguarded
-    # one's speed, against 0.90 here; copy insertion's region analysis (COMPILER_OPTIONS) keeps
-    # XLA:CPU from copying the old moments the fused update still reads (12 copies a step).
+    # one's speed, against 0.90 here; copy insertion's region analysis (ModelConfig's default
+    # CPU_COMPILER_OPTIONS) keeps XLA:CPU from copying the old moments the fused update still reads.
     old = jax.tree.leaves(state)        # before update(): merge shares the state's Variables
     new = jax.tree.leaves(update(state))
     new_state = jax.tree.unflatten(jax.tree.structure(state), [jnp.where(finite, n, o) for n, o in zip(new, old)])
