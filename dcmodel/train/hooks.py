@@ -139,7 +139,8 @@ class Metrics(Hook):
     means = {k: total.pop(k) / applied for k in ("grad_norm", "learning_rate") if k in total}
     metrics = tasks.summarize(total, run.cfg.model.task)
     tokens = metrics["tokens"] if "tokens" in metrics else run.throughput.tokens_per_step * steps
-    record = {"step": run.step, "split": "train", **metrics, **means, ("nonfinite_steps" if apply else "skipped_nonfinite_steps"): self.nonfinite,
+    counted = "nonfinite_steps" if apply else "skipped_nonfinite_steps"
+    record = {"step": run.step, "split": "train", **metrics, **means, counted: self.nonfinite,
               "step_time_s": elapsed / steps, "steps_per_s": steps / elapsed, "examples_per_s": metrics["examples"] / elapsed,
               "tokens_per_s": tokens / elapsed, "mfu": run.throughput.flops_per_step * steps / elapsed / run.throughput.peak_flops}
     run.write(record)

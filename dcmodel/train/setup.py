@@ -198,7 +198,8 @@ def check_run(cfg: Config, placed: state_lib.Placed) -> None:
                     f"x batch axes = {cfg.train.grad_accum_steps} x {batch_divisor(mesh)}")
   tasks.get(cfg.model.task)
   if cfg.train.nonfinite not in NONFINITE:
-    raise UserError(f"train.nonfinite must be 'skip', 'stop' or 'apply', got '{cfg.train.nonfinite}'")
+    raise UserError(f"train.nonfinite must be {', '.join(repr(p) for p in NONFINITE[:-1])} or {NONFINITE[-1]!r}, "
+                    f"got '{cfg.train.nonfinite}'")
 
 
 def batch_bytes(cfg: Config, batch_size: int) -> int:
