@@ -78,6 +78,17 @@ def export(model: str, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- dcmodel
+def overrides(model: str, steps: int, log_every: int, tuned: bool = False) -> list[str]:
+  """The experiment overrides dcmodel runs under here (and in peers_step): the peers' batch,
+  optimizer and steps per call, one device, no checkpoints; `tuned` adds train.nonfinite=apply."""
+  per_call, unroll = DISPATCH[model]
+  return [f"data.global_batch_size={BATCH}", "data.eval_batch_size=128", f"train.steps={steps}", "train.eval_every=0",
+          f"train.log_every={log_every}", f"train.steps_per_dispatch={per_call}", f"train.dispatch_unroll={unroll}",
+          "train.progress=false", "checkpoint.enabled=false", "optimizer.name=adam", "optimizer.learning_rate=0.001",
+          "optimizer.schedule=constant", "optimizer.weight_decay=0.0", "mesh.data=1", "mesh.model=1",
+          *(["train.nonfinite=apply"] if tuned else [])]
+
+
 def run_dcmodel(model: str, data: Path, epochs: int, tuned: bool = False) -> dict:
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
   import jax
@@ -86,15 +97,12 @@ def run_dcmodel(model: str, data: Path, epochs: int, tuned: bool = False) -> dic
   from dcmodel.train.loop import train
   from dcmodel.train.metrics import read
   n = len(np.load(data)["y_train"])
-  per_call, unroll = DISPATCH[model]
+  per_call = DISPATCH[model][0]
   epoch = -(-n // BATCH)                                        # Keras's steps per epoch (last batch partial)
   first = -(-epoch // per_call) * per_call                      # untimed: compilation and warm-up, about one epoch
   steps = max(first + per_call, round(epoch * epochs / per_call) * per_call)   # the peers' step count, to a whole call
-  cfg = experiment.load(ROOT / "experiments" / f"{MODELS[model][0]}.py", [
-      f"data.global_batch_size={BATCH}", "data.eval_batch_size=128", f"train.steps={steps}", "train.eval_every=0",
-      f"train.log_every={steps if tuned else first}", f"train.steps_per_dispatch={per_call}", f"train.dispatch_unroll={unroll}", "train.progress=false",
-      "checkpoint.enabled=false", "optimizer.name=adam", "optimizer.learning_rate=0.001", "optimizer.schedule=constant",
-      "optimizer.weight_decay=0.0", "mesh.data=1", "mesh.model=1", *(["train.nonfinite=apply"] if tuned else [])])
+  cfg = experiment.load(ROOT / "experiments" / f"{MODELS[model][0]}.py",
+                        overrides(model, steps, steps if tuned else first, tuned))
   stamps = {}
 
   class Stamp(hooks.Hook):

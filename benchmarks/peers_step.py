@@ -36,22 +36,14 @@ import optax  # noqa: E402
 
 from dcmodel.data import pipeline  # noqa: E402
 
-from benchmarks.peers import BATCH, DISPATCH, MODELS, ROOT, bare_program  # noqa: E402
-
-
-def overrides(model: str, steps: int) -> list[str]:
-  per_call, unroll = DISPATCH[model]
-  return [f"data.global_batch_size={BATCH}", "data.eval_batch_size=128", f"train.steps={steps}", "train.eval_every=0",
-          f"train.log_every={steps}", f"train.steps_per_dispatch={per_call}", f"train.dispatch_unroll={unroll}",
-          "train.progress=false", "checkpoint.enabled=false", "optimizer.name=adam", "optimizer.learning_rate=0.001",
-          "optimizer.schedule=constant", "optimizer.weight_decay=0.0", "mesh.data=1", "mesh.model=1"]
+from benchmarks.peers import BATCH, DISPATCH, MODELS, ROOT, bare_program, overrides  # noqa: E402
 
 
 def dcmodel_call(model: str, calls: int, work: str):
   """(call, carry, batches): setup's jitted leaf step over `calls` device-resident stacked batches."""
   from dcmodel import experiment
   from dcmodel.train.setup import setup
-  cfg = experiment.load(ROOT / "experiments" / f"{MODELS[model][0]}.py", overrides(model, 10 ** 6))
+  cfg = experiment.load(ROOT / "experiments" / f"{MODELS[model][0]}.py", overrides(model, 10 ** 6, 10 ** 6))
   run = setup(cfg, work, jax.devices()[:1])
   hosts = [next(run.iterator) for _ in range(calls)]
   run.writer.close()

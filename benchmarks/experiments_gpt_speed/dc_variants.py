@@ -60,6 +60,7 @@ from dcmodel.mesh import constrain  # noqa: E402
 from dcmodel.models import transformer as tf  # noqa: E402
 from dcmodel.models.attention import attend  # noqa: E402
 from dcmodel.models.layers import matmul, weight_grad  # noqa: E402
+from dcmodel.models.registry import ModelConfig  # noqa: E402
 
 
 def _blocked(q, k, v, segment_ids, n: int, heads_first: bool = True):
@@ -220,7 +221,7 @@ OPTIONS = {
   "ynn_red": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,"
                                                       "LIBRARY_FUSION_TYPE_REDUCE"},
   "conc": {"xla_cpu_enable_concurrency_optimized_scheduler": True},
-  "cira": {"xla_cpu_copy_insertion_use_region_analysis": True},   # ModelConfig's default CPU option
+  "cira": dict(ModelConfig.CPU_COMPILER_OPTIONS),   # the families' default CPU option
   "noeigen": {"xla_cpu_multi_thread_eigen": False},
   "onednn": {"xla_cpu_use_onednn": True},
   "vec512": {"xla_cpu_prefer_vector_width": 512},

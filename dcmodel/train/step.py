@@ -105,8 +105,9 @@ def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=(
     sums = {**sums, "grad_norm": grad_norm}
     if lr_schedule is not None:
       sums["learning_rate"] = jnp.asarray(lr_schedule(opt.step[...]), jnp.float32)   # what this update applies
+    nonfinite = 1.0 - finite.astype(jnp.float32)
     if not guard:
-      return update(state), {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+      return update(state), {**sums, "nonfinite": nonfinite}
     # Selected leaf by leaf, not lax.cond: each select fuses into the optimizer's own elementwise
     # update of that leaf. A conditional ran the recommender's step at 0.72 of the unguarded
     # one's speed, against 0.90 here; copy insertion's region analysis (ModelConfig's default
@@ -115,7 +116,7 @@ def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=(
     new = jax.tree.leaves(update(state))
     new_state = jax.tree.unflatten(jax.tree.structure(state), [jnp.where(finite, n, o) for n, o in zip(new, old)])
     sums = {k: jnp.where(finite, v, 0.0) for k, v in sums.items()}
-    return new_state, {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    return new_state, {**sums, "nonfinite": nonfinite}
 
   rep = replicated(batch_sharding.mesh)
   if steps == 1:
