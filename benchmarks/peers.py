@@ -14,8 +14,9 @@ dcmodel runs twice: `dcmodel` as configured by default (a step with a NaN/Inf lo
 is skipped, metrics read back about once an epoch, as Keras reports them), and `dcmodel-tuned`
 as a user after speed would run it, with the peers' semantics: train.nonfinite=apply (the update
 is applied, as in Keras and PyTorch; on XLA:CPU the skip guard makes every update wait for the
-gradient's global norm) and one metrics read at the end (train.log_every = the run's steps:
-every read drains the device queue).
+gradient's global norm), train.grad_norm=false (neither peer computes the norm unless clipping)
+and one metrics read at the end (train.log_every = the run's steps: every read drains the device
+queue).
 
 Every peer runs as its tuned user would run it, not at its defaults:
 - keras: `compile(steps_per_execution=k, jit_compile=True)` with k = dcmodel's steps per jitted
@@ -80,13 +81,14 @@ def export(model: str, path: Path) -> None:
 # ---------------------------------------------------------------- dcmodel
 def overrides(model: str, steps: int, log_every: int, tuned: bool = False) -> list[str]:
   """The experiment overrides dcmodel runs under here (and in peers_step): the peers' batch,
-  optimizer and steps per call, one device, no checkpoints; `tuned` adds train.nonfinite=apply."""
+  optimizer and steps per call, one device, no checkpoints; `tuned` applies every update unguarded
+  and without the gradient's norm (train.nonfinite=apply, train.grad_norm=false), as Keras and PyTorch do."""
   per_call, unroll = DISPATCH[model]
   return [f"data.global_batch_size={BATCH}", "data.eval_batch_size=128", f"train.steps={steps}", "train.eval_every=0",
           f"train.log_every={log_every}", f"train.steps_per_dispatch={per_call}", f"train.dispatch_unroll={unroll}",
           "train.progress=false", "checkpoint.enabled=false", "optimizer.name=adam", "optimizer.learning_rate=0.001",
           "optimizer.schedule=constant", "optimizer.weight_decay=0.0", "mesh.data=1", "mesh.model=1",
-          *(["train.nonfinite=apply"] if tuned else [])]
+          *(["train.nonfinite=apply", "train.grad_norm=false"] if tuned else [])]
 
 
 def run_dcmodel(model: str, data: Path, epochs: int, tuned: bool = False) -> dict:

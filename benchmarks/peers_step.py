@@ -5,7 +5,8 @@ process (rounds alternate the order).
 
 - bare: peers.run_xla's step (jax.jit + optax.adam, lax.scan over the call's steps);
 - step: dcmodel's jitted call as the loop runs it (setup's `train_step`: the leaf-list step with
-  the non-finite guard, the task's metric sums, grad norm and learning rate, totals on device);
+  the non-finite guard, the task's metric sums, grad norm and learning rate, totals on device;
+  with --tuned, as peers' dcmodel-tuned row runs it: unguarded, no grad norm);
 - host: the same call given the host's numpy batches (as the loop gives them: placed on dispatch);
 - loop: the loop's per-call work: the next stacked batch from the Grain iterator, then the call;
 - --variants name=guard:norm:sums[:xla_option=value+...]: the step rebuilt with other forms of
@@ -39,11 +40,12 @@ from dcmodel.data import pipeline  # noqa: E402
 from benchmarks.peers import BATCH, DISPATCH, MODELS, ROOT, bare_program, overrides  # noqa: E402
 
 
-def dcmodel_call(model: str, calls: int, work: str):
-  """(call, carry, batches): setup's jitted leaf step over `calls` device-resident stacked batches."""
+def dcmodel_call(model: str, calls: int, work: str, tuned: bool = False):
+  """(call, carry, batches): setup's jitted leaf step over `calls` device-resident stacked batches
+  (`tuned`: as peers' dcmodel-tuned row configures it)."""
   from dcmodel import experiment
   from dcmodel.train.setup import setup
-  cfg = experiment.load(ROOT / "experiments" / f"{MODELS[model][0]}.py", overrides(model, 10 ** 6, 10 ** 6))
+  cfg = experiment.load(ROOT / "experiments" / f"{MODELS[model][0]}.py", overrides(model, 10 ** 6, 10 ** 6, tuned))
   run = setup(cfg, work, jax.devices()[:1])
   hosts = [next(run.iterator) for _ in range(calls)]
   run.writer.close()
@@ -83,11 +85,12 @@ def main(argv=None) -> int:
   p.add_argument("--seconds", type=float, default=3.0, help="per contender and round (about)")
   p.add_argument("--variants", default="", help="probe: name=guard:norm:sums,... (see variant())")
   p.add_argument("--hlo", default=None, help="write the steps' optimized HLO into this directory")
+  p.add_argument("--tuned", action="store_true", help="dcmodel's step as peers' dcmodel-tuned row configures it")
   args = p.parse_args(argv)
   for model in args.models.split(","):
     per_call = DISPATCH[model][0]
     with tempfile.TemporaryDirectory() as work:
-      dc, dc_carry, dc_batches, run, hosts = dcmodel_call(model, 8, work)
+      dc, dc_carry, dc_batches, run, hosts = dcmodel_call(model, 8, work, args.tuned)
       bare, bare_carry, bare_batches = bare_call(model, hosts)
       bare_carry = bare(bare_carry, bare_batches[0])
       host_batches = [pipeline.step_inputs(h, run.call_sharding, run.dataset.device_keys) for h in hosts]
@@ -99,8 +102,8 @@ def main(argv=None) -> int:
       with run.placed.context():
         for spec in filter(None, args.variants.split(",")):
           name, knobs = spec.split("=", 1)
-          f = variant(run, *knobs.split(":"))
-          carry = (jax.tree.map(jnp.copy, run.leaves), run.zero_totals())
+          f, zeros = variant(run, dc_batches[0], *knobs.split(":"))
+          carry = (jax.tree.map(jnp.copy, run.leaves), zeros)
           contenders[name] = ((lambda f: lambda c, b: f(*c, b))(f), carry, dc_batches)
           jitted[name] = f
         if args.hlo:
@@ -136,12 +139,13 @@ def main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------- variants of dcmodel's step (probe)
-def variant(run, guard="cond", norm="optax", sums_mode="stack", opts=""):
+def variant(run, batch, guard="cond", norm="optax", sums_mode="stack", opts=""):
   """setup's leaf step rebuilt with one knob changed: guard cond|where|none, norm optax|concat|none,
-  sums_mode stack (a stacked scan output per metric) | vector (one vector per step) | carry."""
+  sums_mode stack (a stacked scan output per metric) | vector (one vector per step) | carry.
+  Returns the leaf step and its zero totals (`batch`: one stacked batch, for their shapes)."""
   from flax import nnx
   from dcmodel.train import optimizer, tasks
-  from dcmodel.train.step import _grads, on_leaves
+  from dcmodel.train.step import _grads, on_leaves, zero_totals
   from dcmodel.mesh import replicated
   cfg, placed = run.cfg, run.placed
   graphdef, task_fn, inputs = placed.graphdef, tasks.get(cfg.model.task), cfg.model.batch_spec().inputs
@@ -223,7 +227,8 @@ def variant(run, guard="cond", norm="optax", sums_mode="stack", opts=""):
   step = jax.jit(multi_step, in_shardings=(placed.shardings, run.call_sharding), out_shardings=(placed.shardings, rep),
                  donate_argnums=0)
   extra = {k: {"true": True, "false": False}.get(v, v) for k, v in (kv.split("=") for kv in opts.split("+") if kv)}
-  return on_leaves(step, placed.shardings, run.call_sharding, {**cfg.model.CPU_COMPILER_OPTIONS, **extra})
+  zeros = zero_totals(step, run.state(), batch)()
+  return on_leaves(step, placed.shardings, run.call_sharding, {**cfg.model.CPU_COMPILER_OPTIONS, **extra}), zeros
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ class TrainConfig:
   eval_every: int = 0            # 0: only at the end
   final_eval: bool = True        # evaluate on the test split when training ends
   nonfinite: str = "skip"        # a NaN/Inf loss or gradient: skip the update (counted) | stop | apply (counted, as PyTorch and Keras do)
+  grad_norm: bool = True         # report the gradient's global norm; false (with nonfinite=apply) saves its reduction over every gradient
   grad_accum_steps: int = 1      # microbatches per step; gradients are averaged before the update
   steps_per_dispatch: int = 1    # train steps run inside one jitted call (a scan): small steps stop paying host overhead
   dispatch_unroll: int = 1       # of those, steps unrolled per loop iteration: XLA:CPU runs its own convolutions (model.conv=xla) ~8x slower inside a loop

@@ -88,6 +88,7 @@ def cases(tmp_path):
       ("unknown optimizer", [CNN, "--set", "optimizer.name=adamm"], "optimizer.name 'adamm' is unknown"),
       ("unknown schedule", [CNN, "--set", "optimizer.schedule=cosin"], "optimizer.schedule 'cosin' is unknown"),
       ("unknown nonfinite policy", [CNN, "--set", "train.nonfinite=ignore"], "train.nonfinite must be 'skip', 'stop' or 'apply'"),
+      ("no norm for the guard", [CNN, "--set", "train.grad_norm=false"], "train.grad_norm=false needs train.nonfinite=apply: 'skip'"),
       ("unknown data source", [CNN, "--set", "data.source=digit"], "unknown data.source 'digit'; did you mean digits"),
       ("data file missing", [mlp, *mlp_data(tmp_path / "none.npz")], "data file not found"),
       ("data with NaN/Inf everywhere", [mlp, *mlp_data(npz(tmp_path, x=np.full((40, 64), np.nan, np.float32), y=GOOD_Y))],

@@ -187,6 +187,13 @@ def test_nonfinite_apply_applies_counts_and_never_checkpoints_it(tmp_path):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), applied.state, three.state)
   records = [r for r in read(tmp_path / "applied" / "metrics.jsonl") if r["split"] == "train"]
   assert records[-1]["nonfinite_steps"] == 0 and "skipped_nonfinite_steps" not in records[-1]
+  # without the gradient's norm: the same updates, the norm not reported
+  bare = _run(tmp_path, "bare", "train.steps=3", "train.log_every=1", "checkpoint.enabled=false", "train.nonfinite=apply",
+              "train.grad_norm=false")
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), bare.state, applied.state)
+  bare_records = [r for r in read(tmp_path / "bare" / "metrics.jsonl") if r["split"] == "train"]
+  assert "grad_norm" in records[-1] and "grad_norm" not in bare_records[-1]
+  assert [r["loss"] for r in bare_records] == pytest.approx([r["loss"] for r in records], rel=1e-5)
   # a poisoned step is applied (the parameters turn NaN, as in PyTorch), counted, and never saved
   with pytest.raises(UserError, match=r"refusing to checkpoint step 10: the state holds NaN or Inf \(train.nonfinite=apply\); "
                                       r"training stopped; last checkpoint: 5"):
@@ -195,6 +202,10 @@ def test_nonfinite_apply_applies_counts_and_never_checkpoints_it(tmp_path):
   assert records[-1]["nonfinite_steps"] == 3 and np.isnan(records[-1]["loss"])   # step 8 and the two after it, on NaN parameters
   state = saved_state(tmp_path / "w", 5)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state) if np.issubdtype(np.asarray(x).dtype, np.floating))
+  # without the norm the count is of NaN losses: the same three steps
+  with pytest.raises(UserError, match=r"refusing to checkpoint step 10: .*last checkpoint: 5"):
+    _run(tmp_path, "w2", "train.log_every=5", "train.nonfinite=apply", "train.grad_norm=false", hooks=(poison,))
+  assert [r for r in read(tmp_path / "w2" / "metrics.jsonl") if r["split"] == "train"][-1]["nonfinite_steps"] == 3
 
 
 def test_nonfinite_stop_stops_with_a_message_and_keeps_checkpoints_finite(tmp_path):

@@ -117,7 +117,7 @@ class Progress(Hook):
 class Metrics(Hook):
   """The one host sync of a metrics window: the step's device-side sums fetched, summarized and
   written to the run's sinks (metrics.jsonl, TensorBoard): the task's metrics, the gradient norm
-  and learning rate (means over the window's applied steps), step time, examples/s, tokens/s and
+  (unless train.grad_norm=false) and learning rate (means over the window's applied steps), step time, examples/s, tokens/s and
   MFU (the model's FLOPs per step from perf.accounting against the devices' peak), and the count of
   non-finite steps: skipped ones (`skipped_nonfinite_steps`), or with train.nonfinite=apply applied
   ones (`nonfinite_steps`, the window's sums then hold their NaN/Inf). Also enforces

@@ -200,6 +200,9 @@ def check_run(cfg: Config, placed: state_lib.Placed) -> None:
   if cfg.train.nonfinite not in NONFINITE:
     raise UserError(f"train.nonfinite must be {', '.join(repr(p) for p in NONFINITE[:-1])} or {NONFINITE[-1]!r}, "
                     f"got '{cfg.train.nonfinite}'")
+  if not cfg.train.grad_norm and cfg.train.nonfinite != "apply":
+    raise UserError(f"train.grad_norm=false needs train.nonfinite=apply: '{cfg.train.nonfinite}' tests each step's "
+                    f"gradient norm for NaN/Inf before applying it")
 
 
 def batch_bytes(cfg: Config, batch_size: int) -> int:
@@ -274,7 +277,8 @@ def setup(cfg: Config, workdir: str | Path, devices=None) -> Run:
       task_fn = tasks.get(cfg.model.task)
       step = make_train_step(placed.graphdef, task_fn, placed.shardings, data_sharding, spec.inputs,
                              cfg.train.grad_accum_steps, per_call, dropout_seed, cfg.train.dispatch_unroll,
-                             optimizer.schedule(cfg.optimizer, cfg.train.steps), guard=cfg.train.nonfinite != "apply")
+                             optimizer.schedule(cfg.optimizer, cfg.train.steps), guard=cfg.train.nonfinite != "apply",
+                             grad_norm=cfg.train.grad_norm)
       call_sharding = stacked(data_sharding) if per_call > 1 else data_sharding
       eval_step = make_eval_step(placed.graphdef, task_fn, placed.shardings, data_sharding, spec.inputs)
       leaf_step = on_leaves(step, placed.shardings, call_sharding, cfg.model.CPU_COMPILER_OPTIONS)

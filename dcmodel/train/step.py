@@ -73,7 +73,8 @@ def _grads(model, task_fn, batch, inputs, accum: int, key=None):
 
 
 def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=("x",), accum: int = 1, steps: int = 1,
-                    dropout_seed: int | None = None, unroll: int = 1, lr_schedule=None, guard: bool = True):
+                    dropout_seed: int | None = None, unroll: int = 1, lr_schedule=None, guard: bool = True,
+                    grad_norm: bool = True):
   """The jitted step. With steps > 1 it takes `steps` batches stacked on a leading axis and runs
   them in order inside one call (lax.scan, `unroll` steps per loop iteration), returning the
   summed metrics: the same updates as `steps` separate calls, without the per-call host work.
@@ -82,7 +83,11 @@ def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=(
   on the layout. Beside the task's sums, each step adds its gradient's global norm (before any
   clipping) and, given the optimizer's `lr_schedule`, the learning rate it applied: the means
   over a window's applied steps are those sums over its finite steps. Without `guard`, a step with a
-  non-finite loss or gradient is applied like any other (and still counted in "nonfinite")."""
+  non-finite loss or gradient is applied like any other (and still counted in "nonfinite"); without
+  `grad_norm` (only unguarded) the norm is neither computed nor reported, and "nonfinite" counts the
+  steps whose loss is NaN/Inf (a non-finite gradient shows in the next step's loss)."""
+  if guard and not grad_norm:
+    raise ValueError("the non-finite guard tests the gradient's norm: grad_norm=False needs guard=False")
   replicated_state = all(s.is_fully_replicated for s in jax.tree.leaves(state_shardings))
 
   def train_step(state, batch):
@@ -99,10 +104,13 @@ def make_train_step(graphdef, task_fn, state_shardings, batch_sharding, inputs=(
 
     # A non-finite loss or gradient leaves the state as it was; the loop counts and reports it.
     # The gradient's norm is one reduction over every leaf, reported and tested for finiteness
-    # at once (a gradient so large its squared norm overflows counts as non-finite).
-    grad_norm = global_norm(grads, concat=replicated_state)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    sums = {**sums, "grad_norm": grad_norm}
+    # at once (a gradient so large its squared norm overflows counts as non-finite). On a ~170 us
+    # step that reduction is ~10% of it (the MLP of benchmarks.peers_step), hence `grad_norm`.
+    finite = jnp.isfinite(loss)
+    if grad_norm:
+      norm = global_norm(grads, concat=replicated_state)
+      finite &= jnp.isfinite(norm)
+      sums = {**sums, "grad_norm": norm}
     if lr_schedule is not None:
       sums["learning_rate"] = jnp.asarray(lr_schedule(opt.step[...]), jnp.float32)   # what this update applies
     nonfinite = 1.0 - finite.astype(jnp.float32)
