@@ -1,9 +1,10 @@
 """Is a decode step's time its weight matmuls at few rows? The lm_decode model's weight matmuls
 (8 layers of Q, K, V, O 512x512, MLP 512x2048 and 2048x512, the 512x256 unembedding) chained in
 one jit on (rows, 512) activations, nothing else (no attention, no cache, no norms), against the
-bytes of those weights at the calibrated read bandwidth, at 1, 8 and 64 rows. Median of 20 calls.
+bytes of those weights at the calibrated read bandwidth, at 1, 8 and 64 rows. Median of 20 calls,
+interleaved with the same chain over every weight stored as SPLIT column blocks (one dot each).
 
-  PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.decode_rows
+  SPLIT=2 PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.decode_rows
 """
 
 import os
@@ -18,6 +19,7 @@ import numpy as np  # noqa: E402
 from dcmodel.perf import calibrate  # noqa: E402
 
 D, F, LAYERS, V = 512, 2048, 8, 256
+SPLIT = int(os.environ.get("SPLIT", 2))
 
 
 def main():
@@ -27,27 +29,39 @@ def main():
   unembed = w(D, V)
   weight_bytes = 4 * (sum(a.size for layer in layers for a in layer) + unembed.size)
 
-  @jax.jit
-  def matmuls(x, layers, unembed):
-    for wq, wk, wv, wo, wi, wf in layers:
-      a = (x @ wq + x @ wk + x @ wv) @ wo      # the step's projections (values are not the point)
-      x = x + jax.nn.gelu(a @ wi) @ wf * 1e-3
-    return x @ unembed
+  def chain(mm):
+    @jax.jit
+    def matmuls(x, layers, unembed):
+      for wq, wk, wv, wo, wi, wf in layers:
+        a = mm(mm(x, wq) + mm(x, wk) + mm(x, wv), wo)      # the step's projections (values are not the point)
+        x = x + mm(jax.nn.gelu(mm(a, wi)), wf) * 1e-3
+      return mm(x, unembed)
+    return matmuls
 
+  # "split": every weight stored as its column blocks, one dot per block: independent thunks XLA:CPU
+  # may run on both cores at once (a few-row dot alone reads the weights from one)
+  split = lambda w, n=SPLIT: tuple(jnp.split(w, n, axis=1))
+  forms = {"whole": (chain(lambda x, w: x @ w), layers, unembed),
+           "split": (chain(lambda x, ws: jnp.concatenate([x @ w for w in ws], -1)),
+                     [[split(a) for a in layer] for layer in layers], split(unembed))}
   bw = calibrate.read_bandwidth(256)
   print(f"weights {weight_bytes / 1e6:.1f} MB, read bandwidth {bw / 1e9:.1f} GB/s: memory bound {weight_bytes / bw * 1e3:.2f} ms")
   for rows in (1, 8, 64):
     x = jnp.ones((rows, D))
-    jax.block_until_ready(matmuls(x, layers, unembed))
-    times = []
-    for _ in range(20):
-      t = time.perf_counter()
-      jax.block_until_ready(matmuls(x, layers, unembed))
-      times.append(time.perf_counter() - t)
-    med = float(np.median(times))
-    flops = 2 * rows * weight_bytes / 4
-    print(f"rows {rows:3d}: {med * 1e3:6.2f} ms = {weight_bytes / med / 1e9:5.1f} GB/s of weights, {flops / med / 1e9:6.1f} GFLOP/s "
-          f"({weight_bytes / bw / med:.0%} of the memory bound)")
+    times = {}
+    for name, (f, ls, u) in forms.items():
+      jax.block_until_ready(f(x, ls, u))
+      times[name] = []
+    for _ in range(20):                       # interleaved
+      for name, (f, ls, u) in forms.items():
+        t = time.perf_counter()
+        jax.block_until_ready(f(x, ls, u))
+        times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+      med = float(np.median(ts))
+      flops = 2 * rows * weight_bytes / 4
+      print(f"rows {rows:3d} {name:5s}: {med * 1e3:6.2f} ms = {weight_bytes / med / 1e9:5.1f} GB/s of weights, "
+            f"{flops / med / 1e9:6.1f} GFLOP/s ({weight_bytes / bw / med:.0%} of the memory bound)")
 
 
 if __name__ == "__main__":
