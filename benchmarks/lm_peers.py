@@ -261,13 +261,13 @@ def main(argv=None) -> int:
     if "dcmodel-1" in row["contenders"] and "xla-1" in row["contenders"]:
       row["dcmodel_of_bare_step_1"] = row["contenders"]["dcmodel-1"].get("tokens_per_s", float("nan")) / row["contenders"]["xla-1"].get("tokens_per_s", float("nan"))
   from benchmarks.common import write
-  name = "lm_peers" + ("" if args.variant == "both" else f"_{args.variant}") + ("_quick" if args.quick else "")
-  result = {"peak_flops": peak, "peak_flops_runs": peaks, "rounds": args.rounds, "steps_timed": args.steps - WARMUP,
-            "flop_convention": "dcmodel.perf.accounting: matmul FLOPs (multiply-add = 2), forward + backward, full T x T attention, remat not counted",
-            "rows": rows}
-  write(name, result)
-  report(result)
-  plot(result, name)
+  common = {"peak_flops": peak, "peak_flops_runs": peaks, "rounds": args.rounds, "steps_timed": args.steps - WARMUP,
+            "flop_convention": "dcmodel.perf.accounting: matmul FLOPs (multiply-add = 2), forward + backward, full T x T attention, remat not counted"}
+  report({**common, "rows": rows})
+  for row in rows:   # one file per variant, whichever --variant ran them (results/lm_peers_gpt.json, ...)
+    name = f"lm_peers_{row['variant']}" + ("_quick" if args.quick else "")
+    write(name, {**common, "rows": [row]})
+    plot({**common, "rows": [row]}, name)
   return 0
 
 
