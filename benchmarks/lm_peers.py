@@ -33,7 +33,7 @@ them alike), after a calibration of the matmul peak in its own 1-device process
 only lowers it); the median over rounds is reported with the spread.
 MFU = model FLOPs per step / step time / peak, with dcmodel.perf.accounting's convention:
 matmul FLOPs only (a multiply-add is 2), forward + backward (2x forward), attention's full
-T x T, remat not counted. Writes results/lm_peers_VARIANT.{json,png} (lm_peers.* for both).
+T x T, remat not counted. Writes results/lm_peers_VARIANT.{json,png}, one per variant.
 
 Run: python -m benchmarks.lm_peers [--variant gpt|llama|both] [--rounds N] [--quick]
 (one variant with the default 2 rounds takes ~12 minutes on a quiet 2-core host)
