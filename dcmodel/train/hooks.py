@@ -117,11 +117,11 @@ class Progress(Hook):
 class Metrics(Hook):
   """The one host sync of a metrics window: the step's device-side sums fetched, summarized and
   written to the run's sinks (metrics.jsonl, TensorBoard): the task's metrics, the gradient norm
-  (unless train.grad_norm=false) and learning rate (means over the window's applied steps), step time, examples/s, tokens/s and
-  MFU (the model's FLOPs per step from perf.accounting against the devices' peak), and the count of
-  non-finite steps: skipped ones (`skipped_nonfinite_steps`), or with train.nonfinite=apply applied
-  ones (`nonfinite_steps`, the window's sums then hold their NaN/Inf). Also enforces
-  train.nonfinite=stop."""
+  (unless train.grad_norm=false) and learning rate (means over the window's applied steps), step
+  time, examples/s, tokens/s and MFU (the model's FLOPs per step from perf.accounting against the
+  devices' peak), and the count of non-finite steps: skipped ones (`skipped_nonfinite_steps`), or
+  with train.nonfinite=apply applied ones (`nonfinite_steps`, the window's sums then hold their
+  NaN/Inf). Also enforces train.nonfinite=stop."""
 
   def __init__(self, every_steps: int):
     self.schedule = Schedule(every_steps=every_steps, at_end=True)
