@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from dcmodel import hostenv
+
 ROOT = Path(__file__).resolve().parents[1]
 # (module, quick arguments or None to skip in quick mode, full arguments)
 SUITE = [
@@ -59,4 +61,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

@@ -13,6 +13,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import numpy as np  # noqa: E402
 
 from benchmarks.common import write  # noqa: E402
+from dcmodel import hostenv  # noqa: E402
 from dcmodel import experiment as experiment_lib  # noqa: E402
 from dcmodel.parallel import data_parallel  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -48,4 +49,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   main()

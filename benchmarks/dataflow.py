@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 from benchmarks.common import RESULTS, write  # noqa: E402
+from dcmodel import hostenv  # noqa: E402
 from dcmodel import experiment as experiment_lib  # noqa: E402
 from dcmodel.data import pipeline  # noqa: E402
 from dcmodel.data.dataset import Dataset  # noqa: E402
@@ -159,4 +160,5 @@ def plot(inputs, ckpt, suffix: str) -> None:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

@@ -31,6 +31,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.common import write
+from dcmodel import hostenv
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -201,4 +202,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from dcmodel import hostenv
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,4 +159,5 @@ def plot(got: dict, ckpt_bytes: int, path: Path) -> None:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dcmodel import hostenv
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["model.num_layers=8", "model.max_len=256"]
 PROMPT, NEW = 32, 224
@@ -126,6 +128,8 @@ def child(contender: str, repeats: int) -> dict:
   env = {**os.environ, "PYTHONPATH": str(ROOT),
          "XLA_FLAGS": (re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
                        + " --xla_force_host_platform_device_count=1").strip()}
+  if contender.startswith("torch"):   # PyTorch on glibc's defaults (dcmodel/hostenv.py)
+    env = hostenv.system_malloc(env)
   out = subprocess.run([sys.executable, "-m", "benchmarks.lm_decode", "--one", contender, str(repeats)], cwd=ROOT, env=env,
                        capture_output=True, text=True)
   if out.returncode:
@@ -226,4 +230,5 @@ def plot(result: dict, suffix: str) -> None:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

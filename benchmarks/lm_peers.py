@@ -54,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dcmodel import hostenv
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = ["model.d_model=512", "model.num_layers=4", "model.num_heads=8", "model.max_len=128", "model.vocab_size=256",
          "model.norm=rmsnorm", "model.use_bias=false", "model.dtype=float32", "data.global_batch_size=32"]
@@ -206,6 +208,8 @@ def child(contender: str, variant: str, data: Path, steps: int) -> dict:
   env = {**os.environ, "PYTHONPATH": str(ROOT),
          "XLA_FLAGS": (re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
                        + f" --xla_force_host_platform_device_count={devices}").strip()}
+  if contender.startswith("torch"):   # measured no faster with dcmodel's malloc tunables: glibc's defaults
+    env = hostenv.system_malloc(env)
   out = subprocess.run([sys.executable, "-m", "benchmarks.lm_peers", "--one", contender, variant, str(data), str(steps)],
                        cwd=ROOT, env=env, capture_output=True, text=True)
   if out.returncode:
@@ -337,4 +341,5 @@ def plot(result: dict, name: str) -> None:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.common import write
+from dcmodel import hostenv
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = str(ROOT / "experiments" / "corpus_gpt.py")
@@ -157,4 +158,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dcmodel import hostenv
+
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 32
 # dcmodel's train.steps_per_dispatch and train.dispatch_unroll per model: 32 or 64 steps per jitted
@@ -363,6 +365,8 @@ def run_child(framework: str, model: str, data: Path, epochs: int) -> dict:
   on this host) is recorded with its message, not hidden."""
   env = {**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": "jax"}
   env.pop("XLA_FLAGS", None)   # one CPU device for every framework
+  if framework.startswith("torch"):   # PyTorch on glibc's defaults; Keras (on JAX) runs as dcmodel does
+    env = hostenv.system_malloc(env)
   out = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--one", framework, model, str(data), "--epochs", str(epochs)],
                        cwd=ROOT, env=env, capture_output=True, text=True)
   if out.returncode:
@@ -450,4 +454,5 @@ def plot(rows, suffix: str) -> None:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from dcmodel import hostenv  # noqa: E402
 from dcmodel.data import pipeline  # noqa: E402
 
 from benchmarks.peers import BATCH, DISPATCH, MODELS, ROOT, bare_program, overrides  # noqa: E402
@@ -232,4 +233,5 @@ def variant(run, batch, guard="cond", norm="optax", sums_mode="stack", opts=""):
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

@@ -33,6 +33,7 @@ import statistics  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks.common import write  # noqa: E402
+from dcmodel import hostenv  # noqa: E402
 from dcmodel.perf.calibrate import timed_calls  # noqa: E402
 from dcmodel.config import MeshConfig  # noqa: E402
 from dcmodel.mesh import build_mesh  # noqa: E402
@@ -123,4 +124,5 @@ def plot(rows) -> None:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   main()

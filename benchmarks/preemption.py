@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dcmodel import hostenv
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "digits_cnn.py"
 # Two processes stop at JAX's preemption sync point: the next count of calls past every process's
@@ -262,4 +264,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dcmodel import hostenv
 from dcmodel import models
 from dcmodel.perf import hardware
 from dcmodel.perf.accounting import megatron_flops, transformer_accounting
@@ -89,4 +90,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

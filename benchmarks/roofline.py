@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import step_time  # noqa: E402
 from benchmarks.common import RESULTS, time_fn, write  # noqa: E402
+from dcmodel import hostenv  # noqa: E402
 from dcmodel import experiment as experiment_lib  # noqa: E402
 from dcmodel.perf import accounting, calibrate  # noqa: E402
 from dcmodel.perf.roofline import Roofline  # noqa: E402
@@ -107,4 +108,5 @@ def plot(rows, steps, peak, bw) -> None:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

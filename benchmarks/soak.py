@@ -40,6 +40,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from dcmodel import hostenv  # noqa: E402
 from dcmodel import experiment as experiment_lib  # noqa: E402
 from dcmodel.train.loop import train  # noqa: E402
 
@@ -160,4 +161,5 @@ def pooled(args) -> int:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.common import RESULTS, time_fn, write  # noqa: E402
+from dcmodel import hostenv  # noqa: E402
 from dcmodel import experiment as experiment_lib  # noqa: E402
 from dcmodel.inspect import describe  # noqa: E402
 from dcmodel.perf import calibrate as calibrate_lib  # noqa: E402
@@ -157,4 +158,5 @@ def plot(rows, suffix: str) -> None:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dcmodel import hostenv
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,4 +48,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # the process `dcmodel` runs in (dcmodel/hostenv.py)
   raise SystemExit(main())

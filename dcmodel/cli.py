@@ -2,7 +2,9 @@
 
 On a host without accelerators the CPU is split into --host-devices simulated devices (8 by
 default) so every mesh layout runs here; the flag only touches the CPU platform, so the same
-command runs unchanged on TPU and GPU.
+command runs unchanged on TPU and GPU. On glibc the process first re-executes itself once with
+malloc tunables that keep XLA:CPU's large temporaries' pages between steps (dcmodel/hostenv.py;
+DCMODEL_HOST_MALLOC=system opts out).
 """
 
 from __future__ import annotations
@@ -11,12 +13,7 @@ import argparse
 import os
 import sys
 
-
-def _set_host_devices(n: int) -> None:
-  """Must run before jax is imported."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags and n > 1:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+from dcmodel import hostenv
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -419,6 +416,8 @@ COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "import-hf": cmd_imp
 
 def main(argv=None) -> int:
   import contextlib
+  if argv is None:              # the process's own command line (not a caller's list): before jax loads
+    hostenv.reexec_with_host_malloc()
   args = _parser().parse_args(argv)
   from dcmodel.errors import UserError
   try:
@@ -427,7 +426,7 @@ def main(argv=None) -> int:
       check_count("--host-devices", args.host_devices, 1, MAX_HOST_DEVICES,
                   "simulated CPU devices; each costs start-up time and memory")
       if args.command not in ("launch", "bench") or (args.command == "bench" and args.trace):
-        _set_host_devices(args.host_devices)
+        hostenv.set_host_devices(args.host_devices)
       if args.command == "train":
         # From here a SIGTERM/SIGINT is recorded and the run stops cleanly (train/preemption.py),
         # never a KeyboardInterrupt raised wherever Python happens to be.
