@@ -128,8 +128,6 @@ def child(contender: str, repeats: int) -> dict:
   env = {**os.environ, "PYTHONPATH": str(ROOT),
          "XLA_FLAGS": (re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
                        + " --xla_force_host_platform_device_count=1").strip()}
-  if contender.startswith("torch"):   # PyTorch on glibc's defaults (dcmodel/hostenv.py)
-    env = hostenv.system_malloc(env)
   out = subprocess.run([sys.executable, "-m", "benchmarks.lm_decode", "--one", contender, str(repeats)], cwd=ROOT, env=env,
                        capture_output=True, text=True)
   if out.returncode:

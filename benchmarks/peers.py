@@ -365,8 +365,6 @@ def run_child(framework: str, model: str, data: Path, epochs: int) -> dict:
   on this host) is recorded with its message, not hidden."""
   env = {**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": "jax"}
   env.pop("XLA_FLAGS", None)   # one CPU device for every framework
-  if framework.startswith("torch"):   # PyTorch on glibc's defaults; Keras (on JAX) runs as dcmodel does
-    env = hostenv.system_malloc(env)
   out = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--one", framework, model, str(data), "--epochs", str(epochs)],
                        cwd=ROOT, env=env, capture_output=True, text=True)
   if out.returncode:
