@@ -229,7 +229,7 @@ def variant(run, batch, guard="cond", norm="optax", sums_mode="stack", opts=""):
                  donate_argnums=0)
   extra = {k: {"true": True, "false": False}.get(v, v) for k, v in (kv.split("=") for kv in opts.split("+") if kv)}
   zeros = zero_totals(step, run.state(), batch)()
-  return on_leaves(step, placed.shardings, run.call_sharding, {**cfg.model.CPU_COMPILER_OPTIONS, **extra}), zeros
+  return on_leaves(step, placed.shardings, run.call_sharding, {**cfg.model.cpu_compiler_options(len(run.call_sharding.addressable_devices)), **extra}), zeros
 
 
 if __name__ == "__main__":

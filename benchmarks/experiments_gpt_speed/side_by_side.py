@@ -5,7 +5,7 @@ attention (dcmodel: its batched dots; PyTorch: the flash kernel, which also does
 layout copies, everything else, and time with no op running. dcmodel's step is `make_train_step`
 compiled with the loop's XLA:CPU options (`dc_variants` "ynn_dot"); its split is `attribute`'s
 (concurrent thunks share the instants they overlap); PyTorch's is torch.profiler's self CPU time
-per op.
+per op. Both run in the process environment `dcmodel` gives itself (dcmodel/hostenv.py).
 
   PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.side_by_side [--rounds 6] [--out FILE]
 """
@@ -19,6 +19,7 @@ import time
 
 from benchmarks.experiments_gpt_speed import attribute, dc_variants  # attribute first: the traceme flag
 from benchmarks.experiments_gpt_speed.torch_step import make_step
+from dcmodel import hostenv
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -112,4 +113,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostenv.reexec_with_host_malloc()   # both steps in the environment `dcmodel` runs in
   main()

@@ -23,6 +23,14 @@ class ModelConfig:
   # the old optimizer moments it also overwrites in place without copying each first (the
   # non-finite guard's selects otherwise cost the recommender 12 copies a step).
   CPU_COMPILER_OPTIONS: ClassVar[dict] = {"xla_cpu_copy_insertion_use_region_analysis": True}
+  # Where one process drives several CPU devices (simulated ones sharing the host's cores), the
+  # options that pay for one device may not: None means the same options.
+  CPU_COMPILER_OPTIONS_SHARED_CORES: ClassVar[dict | None] = None
+
+  def cpu_compiler_options(self, local_devices: int) -> dict:
+    """The train program's XLA:CPU options when this process drives `local_devices` devices."""
+    shared = self.CPU_COMPILER_OPTIONS_SHARED_CORES
+    return dict(self.CPU_COMPILER_OPTIONS if local_devices == 1 or shared is None else shared)
 
   def input_shape(self) -> tuple[int, ...]:
     return self.batch_spec().fields["x"].shape

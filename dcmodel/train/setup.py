@@ -281,7 +281,8 @@ def setup(cfg: Config, workdir: str | Path, devices=None) -> Run:
                              grad_norm=cfg.train.grad_norm)
       call_sharding = stacked(data_sharding) if per_call > 1 else data_sharding
       eval_step = make_eval_step(placed.graphdef, task_fn, placed.shardings, data_sharding, spec.inputs)
-      leaf_step = on_leaves(step, placed.shardings, call_sharding, cfg.model.CPU_COMPILER_OPTIONS)
+      leaf_step = on_leaves(step, placed.shardings, call_sharding,
+                            cfg.model.cpu_compiler_options(len(call_sharding.addressable_devices)))
     # A resumed run supersedes what a crashed run logged past its checkpoint (metrics.read, TensorBoard's purge).
     writer = MetricsWriter.for_workdir(workdir, resumed_at=start or None)
     writer.write({"step": 0, "split": "data", **dataset.report()})
