@@ -1,17 +1,17 @@
-"""The process environment dcmodel sets before jax loads: how many simulated CPU devices, and how
-glibc's malloc backs the large blocks XLA:CPU asks for.
+"""The process environment dcmodel sets before jax loads: how many simulated CPU devices, and
+(opt-in) how glibc's malloc backs the large blocks XLA:CPU asks for.
 
 XLA:CPU takes each call's temporaries (~1.2 GB for the benchmark GPT's train step) from malloc.
 glibc serves a block that size from fresh mmap'd pages and unmaps it on free, so every step
 faults all of it in again, 4 KiB at a time: ~300k page faults and ~0.6 s of kernel time in a
-2.4 s step on one device. With glibc.malloc.hugetlb=1 (glibc >= 2.35) malloc asks for
-transparent huge pages on such blocks: ~1k faults, ~0.15 s, the step ~1.15x faster on 1 and on 8
-devices (benchmarks/experiments_gpt_speed/README.md). Memory still goes back to the system on
-free. glibc reads its tunables only at start-up, so the CLI re-executes itself once with the
-tunable set (and DCMODEL_HOST_MALLOC=glibc, which also marks the re-executed process). Opt out
-with DCMODEL_HOST_MALLOC=system; a GLIBC_TUNABLES that already sets any malloc tunable is left as
-the user wrote it. Not glibc >= 2.35 (macOS, musl, older glibc): nothing changes; with the
-kernel's transparent huge pages set to "never" the tunable does nothing.
+2.4 s step on one device. DCMODEL_HOST_MALLOC=hugetlb sets glibc.malloc.hugetlb=1 (glibc >= 2.35):
+malloc asks for transparent huge pages on such blocks, ~1k faults, the step ~1.15x faster on 1
+and on 8 devices. It is opt-in because it also made some steps slower: in the step-time sweep
+(benchmarks.step_time) spreads of 0.33-0.88 on 6 of 12 layouts where glibc's defaults gave <= 0.19,
+and the step model under-predicts it (median error 13.4% vs 9.8%); see
+benchmarks/experiments_gpt_speed/README.md. glibc reads its tunables only at start-up, so the CLI
+re-executes itself once with the tunable set. Not glibc >= 2.35 (macOS, musl, older glibc):
+nothing changes; with the kernel's transparent huge pages set to "never" the tunable does nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping
 
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1",)
-OPT_OUT = "DCMODEL_HOST_MALLOC"
+SWITCH = "DCMODEL_HOST_MALLOC"      # "hugetlb": MALLOC_TUNABLES; unset or "system": glibc's defaults
 
 
 def _glibc() -> bool:
@@ -34,19 +34,18 @@ def _glibc() -> bool:
 
 
 def with_host_malloc(env: Mapping[str, str]) -> dict[str, str]:
-  """`env` with dcmodel's malloc tunables added to GLIBC_TUNABLES, where they apply."""
+  """`env` with the malloc tunables added to GLIBC_TUNABLES if it asks for them and they apply."""
   out = dict(env)
   tunables = out.get("GLIBC_TUNABLES", "")
-  if OPT_OUT in out or "glibc.malloc." in tunables or not _glibc():
+  if out.get(SWITCH) != "hugetlb" or "glibc.malloc.hugetlb" in tunables or not _glibc():
     return out
   out["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, *MALLOC_TUNABLES]))
-  out[OPT_OUT] = "glibc"
   return out
 
 
 def reexec_with_host_malloc() -> None:
-  """Replace this process (same pid, argv and stdio) by one started with the malloc tunables,
-  unless it already has them or they do not apply. Call first thing, before jax loads."""
+  """Replace this process (same pid, argv and stdio) by one started with the malloc tunables, if
+  DCMODEL_HOST_MALLOC=hugetlb asks for them and it lacks them. Call first thing, before jax loads."""
   env = with_host_malloc(os.environ)
   if env == os.environ:
     return

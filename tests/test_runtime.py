@@ -289,7 +289,7 @@ libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 def use():
   p = libc.malloc(1 << 28); ctypes.memset(p, 1, 1 << 28); libc.free(p)
-print(os.getpid(), os.environ.get("DCMODEL_HOST_MALLOC"), flush=True)
+print(os.getpid(), "hugetlb" in os.environ.get("GLIBC_TUNABLES", ""), flush=True)
 for _ in range(2):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   t = threading.Thread(target=use); t.start(); t.join()
@@ -307,27 +307,27 @@ def _huge_pages() -> bool:
 
 
 @pytest.mark.skipif(not (hostenv._glibc() and _huge_pages()), reason="glibc >= 2.35 and transparent huge pages")
-@pytest.mark.parametrize("opt_out", [False, True])
-def test_the_cli_reexecs_once_with_huge_pages_for_large_blocks(opt_out):
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostenv.OPT_OUT)}
+@pytest.mark.parametrize("switch", [None, "hugetlb"])
+def test_the_cli_reexecs_once_for_huge_pages_when_asked(switch):
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostenv.SWITCH)}
   env["PYTHONPATH"] = str(EXPERIMENTS.parent)
-  if opt_out:
-    env[hostenv.OPT_OUT] = "system"
+  if switch:
+    env[hostenv.SWITCH] = switch
   proc = subprocess.run([sys.executable, "-c", _REUSE], env=env, capture_output=True, text=True, timeout=120)
   lines = proc.stdout.split("\n")
   assert proc.returncode == 2 and "the following arguments are required: command" in proc.stderr, proc.stderr
   pid = lines[0].split()[0]
-  if opt_out:     # glibc's default: the block comes back as fresh mmap'd pages, 65,536 faults of 4 KiB
-    assert lines[0] == f"{pid} system" and len(lines) == 3 and int(lines[1].split()[1]) > 60_000, lines
+  if not switch:  # glibc's default: the block comes back as fresh mmap'd pages, 65,536 faults of 4 KiB
+    assert lines[0] == f"{pid} False" and len(lines) == 3 and int(lines[1].split()[1]) > 60_000, lines
   else:           # the same process (pid) re-executed once, then the block comes in 2 MiB pages
-    assert lines[0] == f"{pid} None" and lines[2] == f"{pid} glibc" and len(lines) == 5, lines
+    assert lines[0] == f"{pid} False" and lines[2] == f"{pid} True" and len(lines) == 5, lines
     assert int(lines[1].split()[1]) > 60_000 and int(lines[3].split()[1]) < 1_000, lines
 
 
-def test_malloc_tunables_leave_a_users_own_alone():
-  env = hostenv.with_host_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})
-  assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}
-  assert hostenv.with_host_malloc({hostenv.OPT_OUT: "system"}) == {hostenv.OPT_OUT: "system"}
+def test_malloc_tunables_only_when_asked_and_beside_a_users_own():
+  assert hostenv.with_host_malloc({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}) == {"GLIBC_TUNABLES": "glibc.rtld.nns=2"}
+  assert hostenv.with_host_malloc({hostenv.SWITCH: "system"}) == {hostenv.SWITCH: "system"}
   if hostenv._glibc():
-    env = hostenv.with_host_malloc({"GLIBC_TUNABLES": "glibc.rtld.nns=2"})
+    env = hostenv.with_host_malloc({"GLIBC_TUNABLES": "glibc.rtld.nns=2", hostenv.SWITCH: "hugetlb"})
     assert env["GLIBC_TUNABLES"] == ":".join(["glibc.rtld.nns=2", *hostenv.MALLOC_TUNABLES])
+    assert hostenv.with_host_malloc(env) == env      # once: the re-executed process keeps it

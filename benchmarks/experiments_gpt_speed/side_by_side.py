@@ -5,7 +5,7 @@ attention (dcmodel: its batched dots; PyTorch: the flash kernel, which also does
 layout copies, everything else, and time with no op running. dcmodel's step is `make_train_step`
 compiled with the loop's XLA:CPU options (`dc_variants` "ynn_dot"); its split is `attribute`'s
 (concurrent thunks share the instants they overlap); PyTorch's is torch.profiler's self CPU time
-per op. Both run in the process environment `dcmodel` gives itself (dcmodel/hostenv.py).
+per op. DCMODEL_HOST_MALLOC=hugetlb applies to both (dcmodel/hostenv.py).
 
   PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.side_by_side [--rounds 6] [--out FILE]
 """
@@ -113,5 +113,5 @@ def main():
 
 
 if __name__ == "__main__":
-  hostenv.reexec_with_host_malloc()   # both steps in the environment `dcmodel` runs in
+  hostenv.reexec_with_host_malloc()   # as the `dcmodel` command does
   main()

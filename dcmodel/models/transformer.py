@@ -59,8 +59,8 @@ class TransformerConfig(ModelConfig):
   # device and 6% on 8 (dc_variants ynn_dot / dcmodel against cira+ynn_dot, 5 paired rounds each).
   CPU_COMPILER_OPTIONS: ClassVar[dict] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
   # On 8 simulated devices in one process the dot-only fusion is slower than no option at all:
-  # 0.877x (gpt) and 0.824x (llama), 5 paired rounds each, with the CLI's huge-page malloc
-  # (dcmodel/hostenv.py); on one device in the same runs 1.118x and 1.131x.
+  # 0.971x (gpt) with glibc's malloc, 0.877x (gpt) and 0.824x (llama) with huge pages
+  # (DCMODEL_HOST_MALLOC=hugetlb), 5 paired rounds each; on one device with huge pages 1.118x, 1.131x.
   CPU_COMPILER_OPTIONS_SHARED_CORES: ClassVar[dict | None] = {}
 
   @property
