@@ -1,13 +1,15 @@
 """The GPT train step (d512, 4 layers, T=128, batch 32, one device, 2 threads) in dcmodel and in
-PyTorch eager, side by side in one process: step time over interleaved rounds (paired per
-round), then each step profiled and its time split into the same classes: dense matmuls,
+PyTorch eager, profiled in one process and split into the same classes: dense matmuls,
 attention (dcmodel: its batched dots; PyTorch: the flash kernel, which also does the softmax),
 layout copies, everything else, and time with no op running. dcmodel's step is `make_train_step`
 compiled with the loop's XLA:CPU options (`dc_variants` "ynn_dot"); its split is `attribute`'s
 (concurrent thunks share the instants they overlap); PyTorch's is torch.profiler's self CPU time
-per op. DCMODEL_HOST_MALLOC=hugetlb applies to both (dcmodel/hostenv.py).
+per op. DCMODEL_HOST_MALLOC=hugetlb applies to both (dcmodel/hostenv.py). Not a speed
+comparison: in one process the two contend (PyTorch's OpenMP threads spin on after its ops; timed
+interleaved here, dcmodel's step took 3.4 s against 2.2 s in a process of its own), so each side's
+absolute times are inflated; lm_peers compares speed, each contender in its own process.
 
-  PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.side_by_side [--rounds 6] [--out FILE]
+  PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.side_by_side [--out FILE]
 """
 
 from __future__ import annotations
@@ -22,10 +24,8 @@ from benchmarks.experiments_gpt_speed.torch_step import make_step
 from dcmodel import hostenv
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-TOKENS = 32 * 128
 GROUPS = ("dense matmuls", "attention", "layout copies", "everything else", "no op running")
 
 
@@ -66,7 +66,6 @@ def torch_profile(step, calls: int) -> dict:
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--rounds", type=int, default=6)
   p.add_argument("--calls", type=int, default=2, help="profiled steps per framework")
   p.add_argument("--out")
   args = p.parse_args()
@@ -78,31 +77,16 @@ def main():
     jax.block_until_ready((holder[0], sums))
 
   pt_step = make_step("gpt")
-  for f in (dc_step, pt_step, dc_step, pt_step):    # warm-up, untimed
+  for f in (dc_step, pt_step, dc_step, pt_step):    # warm-up
     f()
-  times = {"dcmodel": [], "pytorch": []}
-  for _ in range(args.rounds):
-    for name, f in (("dcmodel", dc_step), ("pytorch", pt_step)):
-      t = time.perf_counter()
-      f()
-      times[name].append(time.perf_counter() - t)
-  ratios = [b / a for a, b in zip(times["dcmodel"], times["pytorch"])]   # dcmodel's speed / PyTorch's
   dc_prof = attribute.attribute_step(dc["exe"], holder[0], dc["batch"], dc["exe"].as_text(), "side_by_side", calls=args.calls)
   dc_groups = collections.Counter()
   for cls, ms in dc_prof["by_class_ms"].items():
     dc_groups[dc_group(cls)] += ms
   pt_prof = torch_profile(pt_step, args.calls)
-  out = {"rounds": args.rounds,
-         "step_ms": {k: float(np.median(v)) * 1e3 for k, v in times.items()},
-         "tokens_per_s": {k: TOKENS / float(np.median(v)) for k, v in times.items()},
-         "dcmodel_of_pytorch_rounds": ratios, "dcmodel_of_pytorch": float(np.median(ratios)),
-         "profiled": {"dcmodel": {"wall_ms": dc_prof["wall_ms"], "groups_ms": dict(dc_groups),
+  out = {"profiled": {"dcmodel": {"wall_ms": dc_prof["wall_ms"], "groups_ms": dict(dc_groups),
                                   "classes_ms": dc_prof["by_class_ms"]},
                       "pytorch": pt_prof}}
-  print(f"step (median of {args.rounds} interleaved rounds): dcmodel {out['step_ms']['dcmodel']:.0f} ms "
-        f"({out['tokens_per_s']['dcmodel']:.0f} tokens/s), PyTorch eager {out['step_ms']['pytorch']:.0f} ms "
-        f"({out['tokens_per_s']['pytorch']:.0f}); dcmodel / PyTorch speed {out['dcmodel_of_pytorch']:.3f} "
-        f"(rounds {', '.join(f'{r:.2f}' for r in ratios)})")
   print(f"profiled, ms per step: {'':22s} dcmodel  PyTorch")
   for g in GROUPS:
     print(f"  {g:38s} {dc_groups.get(g, 0.0):7.0f}  {pt_prof['groups_ms'].get(g, 0.0):7.0f}")
