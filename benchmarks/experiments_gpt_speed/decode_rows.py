@@ -4,7 +4,7 @@ one jit on (rows, 512) activations, nothing else (no attention, no cache, no nor
 bytes of those weights at the calibrated read bandwidth, at 1, 8 and 64 rows. Median of 20 calls,
 interleaved with the same chain over every weight stored as SPLIT column blocks (one dot each), and
 the same chain in numpy (OpenBLAS) and in PyTorch (its CPU GEMM, 2 and 1 threads; torch is in the
-`bench` extra): whether any kernel library on this host reads few-row weights near the bound.
+`peers` extra): whether any kernel library on this host reads few-row weights near the bound.
 
   SPLIT=2 PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.decode_rows
 """
