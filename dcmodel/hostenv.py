@@ -1,27 +1,38 @@
 """The process environment dcmodel sets before jax loads: how many simulated CPU devices, and
-(opt-in) how glibc's malloc backs the large blocks XLA:CPU asks for.
+(opt-in) which allocator backs the large blocks XLA:CPU asks for.
 
 XLA:CPU takes each call's temporaries (~1.2 GB for the benchmark GPT's train step) from malloc.
 glibc serves a block that size from fresh mmap'd pages and unmaps it on free, so every step
 faults all of it in again, 4 KiB at a time: ~300k page faults and ~0.6 s of kernel time in a
-2.4 s step on one device. DCMODEL_HOST_MALLOC=hugetlb sets glibc.malloc.hugetlb=1 (glibc >= 2.35):
-malloc asks for transparent huge pages on such blocks, ~1k faults, the step ~1.15x faster on 1
-and on 8 devices. It is opt-in because it also made some steps slower: in the step-time sweep
-(benchmarks.step_time) spreads of 0.33-0.88 on 6 of 12 layouts where glibc's defaults gave <= 0.19,
-and the step model under-predicts it (median error 13.4% vs 9.8%); see
-benchmarks/experiments_gpt_speed/README.md. glibc reads its tunables only at start-up, so the CLI
-re-executes itself once with the tunable set. Not glibc >= 2.35 (macOS, musl, older glibc):
-nothing changes; with the kernel's transparent huge pages set to "never" the tunable does nothing.
+2.4 s step on one device. DCMODEL_HOST_MALLOC picks what serves those blocks:
+
+  system    glibc's defaults (the default).
+  mimalloc  mimalloc (the cmeel-mimalloc wheel, a dependency on Linux) preloaded, with freed
+            memory kept by the process (MIMALLOC_PURGE_DELAY=-1) in huge OS pages where the
+            kernel gives them: a step reuses the last step's pages, 0 faults after the first.
+            The cost is that the process keeps its peak memory, as a GPU runtime's pool does.
+  hugetlb   glibc.malloc.hugetlb=1 (glibc >= 2.35): glibc still maps and unmaps each block, in
+            2 MiB transparent huge pages, ~1k faults a step; some steps in the step-time sweep
+            ran erratically with it (spreads up to 0.88).
+
+Measured in benchmarks/experiments_gpt_speed/README.md. An allocator is chosen when a process
+starts (the dynamic loader reads LD_PRELOAD, glibc its tunables), so the CLI and the benchmarks
+re-execute themselves once with it: same pid, argv and stdio. Elsewhere than Linux (and for
+hugetlb, glibc before 2.35) the switch changes nothing.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 from collections.abc import Mapping
 
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1",)
-SWITCH = "DCMODEL_HOST_MALLOC"      # "hugetlb": MALLOC_TUNABLES; unset or "system": glibc's defaults
+SWITCH = "DCMODEL_HOST_MALLOC"
+MODES = ("system", "mimalloc", "hugetlb")
+# Keep freed memory (never purge it back to the OS) and back it by huge pages where allowed.
+MIMALLOC_OPTIONS = {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}
 
 
 def _glibc() -> bool:
@@ -33,20 +44,41 @@ def _glibc() -> bool:
     return False
 
 
+def mimalloc_library() -> str | None:
+  """The path of the mimalloc shared library the cmeel-mimalloc wheel installed, or None."""
+  try:
+    files = importlib.metadata.files("cmeel-mimalloc") or []
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  return next((str(f.locate()) for f in files if f.name == "libmimalloc.so"), None)
+
+
 def with_host_malloc(env: Mapping[str, str]) -> dict[str, str]:
-  """`env` with the malloc tunables added to GLIBC_TUNABLES if it asks for them and they apply."""
+  """`env` with what its DCMODEL_HOST_MALLOC asks for and this host can give, added beside a
+  user's own GLIBC_TUNABLES, LD_PRELOAD and MIMALLOC_* settings. Unchanged when already there
+  (a re-executed process) or not applicable. ValueError for an unknown mode."""
   out = dict(env)
-  tunables = out.get("GLIBC_TUNABLES", "")
-  if out.get(SWITCH) != "hugetlb" or "glibc.malloc.hugetlb" in tunables or not _glibc():
-    return out
-  out["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, *MALLOC_TUNABLES]))
+  mode = out.get(SWITCH) or "system"
+  if mode not in MODES:
+    raise ValueError(f"{SWITCH}={mode!r} is not one of {', '.join(MODES)}")
+  if mode == "hugetlb" and _glibc() and "glibc.malloc.hugetlb" not in out.get("GLIBC_TUNABLES", ""):
+    out["GLIBC_TUNABLES"] = ":".join(filter(None, [out.get("GLIBC_TUNABLES", ""), *MALLOC_TUNABLES]))
+  library = mimalloc_library() if mode == "mimalloc" and sys.platform == "linux" else None
+  if library and library not in out.get("LD_PRELOAD", "").split(":"):
+    out["LD_PRELOAD"] = ":".join(filter(None, [library, out.get("LD_PRELOAD", "")]))
+    out.update({k: v for k, v in MIMALLOC_OPTIONS.items() if k not in out})
   return out
 
 
 def reexec_with_host_malloc() -> None:
-  """Replace this process (same pid, argv and stdio) by one started with the malloc tunables, if
-  DCMODEL_HOST_MALLOC=hugetlb asks for them and it lacks them. Call first thing, before jax loads."""
-  env = with_host_malloc(os.environ)
+  """Replace this process (same pid, argv and stdio) by one started with the allocator
+  DCMODEL_HOST_MALLOC asks for, if it lacks it. Call first thing, before jax loads. An unknown
+  mode is a one-line error and exit 2."""
+  try:
+    env = with_host_malloc(os.environ)
+  except ValueError as e:
+    print(f"dcmodel: error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
   if env == os.environ:
     return
   sys.stdout.flush()
