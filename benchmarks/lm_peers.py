@@ -20,10 +20,10 @@ Contenders, each in its own process (its own simulated devices and threads):
 - torch-eager, torch-compile (mode "default" and "max-autotune-no-cudagraphs"): the PyTorch GPT,
   all cores as intra-op threads, AdamW with the fastest of its CPU implementations (fused), the
   same clipping and schedule. Compilation time and recompilations are reported, not hidden.
-With DCMODEL_HOST_MALLOC=hugetlb (dcmodel/hostenv.py: glibc's malloc backs large blocks with
-transparent huge pages) every contender runs with it. It is dcmodel's gain, not PyTorch's: the
-PyTorch eager step measured 2,136 / 2,117 and 2,155 / 2,235 ms without / with it
-(`experiments_gpt_speed/torch_step`, two interleaved pairs).
+With DCMODEL_HOST_MALLOC=mimalloc or hugetlb (dcmodel/hostenv.py: the allocator that serves
+large blocks) every contender runs with it: both frameworks' compiled steps gain from it
+(torch.compile's 2.4-2.7 s with glibc's defaults, 1.9-2.1 s with mimalloc,
+`experiments_gpt_speed/torch_step`).
 Every contender trains on the same token batches, read by dcmodel's own pipeline from the
 Python standard library text (the first batch's hash is checked in dcmodel's run). dcmodel's
 rows are packed documents: it masks attention and the loss at document boundaries (segment ids);

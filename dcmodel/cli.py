@@ -2,9 +2,9 @@
 
 On a host without accelerators the CPU is split into --host-devices simulated devices (8 by
 default) so every mesh layout runs here; the flag only touches the CPU platform, so the same
-command runs unchanged on TPU and GPU. With DCMODEL_HOST_MALLOC=hugetlb the process first
-re-executes itself once with glibc's malloc backing large blocks (XLA:CPU's per-call temporaries)
-with transparent huge pages (dcmodel/hostenv.py).
+command runs unchanged on TPU and GPU. With DCMODEL_HOST_MALLOC=mimalloc (or hugetlb) the process
+first re-executes itself once with that allocator serving XLA:CPU's per-call temporaries
+(dcmodel/hostenv.py).
 """
 
 from __future__ import annotations

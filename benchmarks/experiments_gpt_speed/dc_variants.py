@@ -16,6 +16,8 @@ Candidates (comma-separated names; `+` joins several, e.g. `qkv+bhtd`):
            which runs on Eigen); against a --base from before that change
   wgx      wg, and the transposed operand of the weight gradient first materialized as it is (the
            norm's output), so the transposing copy does not recompute the norm at a strided pace
+  wgo      wg, and the wider-input case's transposed (k, n) result materialized by one transposing
+           copy, so the optimizer's elementwise fusions read the gradient contiguously
   gelu     tanh GELU with a custom VJP saving only its input (one fusion forward, one backward)
   wt       layers.matmul's input gradient dY W^T as an NN dot on an explicit W^T (XLA:CPU's NT form
            ran the (4096,512)x(512,2048) one at half the NN speed)
@@ -140,7 +142,29 @@ def _wgx_bwd(res, dy):
 
 
 wgx_matmul.defvjp(_wt_fwd, _wgx_bwd)
-MATMULS = {"wt": wt_matmul, "wg": matmul, "wgx": wgx_matmul}   # wg: landed as layers.weight_grad
+def weight_grad_t_out(x, dy, dtype):
+  """layers.weight_grad with the wider-input case's transposed result materialized: one
+  transposing copy instead of the optimizer's elementwise fusions each reading it transposed."""
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  if x2.shape[1] <= dy2.shape[1]:
+    dw = jax.lax.optimization_barrier(x2.T) @ dy2
+  else:
+    dw = _t(jax.lax.optimization_barrier(dy2.T) @ x2)
+  return dw.astype(dtype)
+
+
+@jax.custom_vjp
+def wgo_matmul(x, w):
+  return x @ w
+
+
+def _wgo_bwd(res, dy):
+  x, w = res
+  return (dy @ w.T).astype(x.dtype), weight_grad_t_out(x, dy, w.dtype)
+
+
+wgo_matmul.defvjp(_wt_fwd, _wgo_bwd)
+MATMULS = {"wt": wt_matmul, "wg": matmul, "wgx": wgx_matmul, "wgo": wgo_matmul}   # wg: landed as layers.weight_grad
 _GELU_C = float(np.sqrt(2 / np.pi))
 
 

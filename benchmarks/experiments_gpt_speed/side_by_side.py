@@ -4,7 +4,7 @@ attention (dcmodel: its batched dots; PyTorch: the flash kernel, which also does
 layout copies, everything else, and time with no op running. dcmodel's step is `make_train_step`
 compiled with the loop's XLA:CPU options (`dc_variants` "ynn_dot"); its split is `attribute`'s
 (concurrent thunks share the instants they overlap); PyTorch's is torch.profiler's self CPU time
-per op. DCMODEL_HOST_MALLOC=hugetlb applies to both (dcmodel/hostenv.py). Not a speed
+per op. DCMODEL_HOST_MALLOC (mimalloc, hugetlb) applies to both (dcmodel/hostenv.py). Not a speed
 comparison: in one process the two contend (PyTorch's OpenMP threads spin on after its ops; timed
 interleaved here, dcmodel's step took 3.4 s against 2.2 s in a process of its own), so each side's
 absolute times are inflated; lm_peers compares speed, each contender in its own process.
