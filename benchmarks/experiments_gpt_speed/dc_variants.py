@@ -250,6 +250,8 @@ OPTIONS = {
   "onednn": {"xla_cpu_use_onednn": True},
   "vec512": {"xla_cpu_prefer_vector_width": 512},
   "o1": {"xla_backend_optimization_level": 1},
+  "tileprop": {"xla_cpu_experimental_enable_tiling_propagation": True},
+  "noemit": {"xla_cpu_use_fusion_emitters": False},
 }
 SETS = {"bf16": ["model.dtype=bfloat16"], "remat": ["model.remat=dots"]}
 LAYOUTS = ("bhtd", "einsum", "block2", "block4", "tblock2", "tblock4")
