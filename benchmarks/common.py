@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 
+from dcmodel import hostenv
 from dcmodel.perf.calibrate import timed_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -29,5 +30,6 @@ def machine() -> str:
 def write(name: str, payload: dict) -> Path:
   RESULTS.mkdir(exist_ok=True)
   path = RESULTS / f"{name}.json"
-  path.write_text(json.dumps({"machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M"), **payload}, indent=2) + "\n")
+  path.write_text(json.dumps({"machine": machine(), "host_malloc": hostenv.active(), "time": time.strftime("%Y-%m-%d %H:%M"),
+                              **payload}, indent=2) + "\n")
   return path

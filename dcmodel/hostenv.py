@@ -17,8 +17,9 @@ faults all of it in again, 4 KiB at a time: ~300k page faults and ~0.6 s of kern
 
 Measured in benchmarks/experiments_gpt_speed/README.md. An allocator is chosen when a process
 starts (the dynamic loader reads LD_PRELOAD, glibc its tunables), so the CLI and the benchmarks
-re-execute themselves once with it: same pid, argv and stdio. Elsewhere than Linux (and for
-hugetlb, glibc before 2.35) the switch changes nothing.
+re-execute themselves once with it: same pid, argv and stdio. The environment passes to child
+processes, which therefore run with the same allocator whatever their own switch says. Elsewhere
+than Linux (and for hugetlb, glibc before 2.35) the switch changes nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Mapping
 
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1",)
 SWITCH = "DCMODEL_HOST_MALLOC"
+_REEXECUTED = "DCMODEL_HOST_MALLOC_REEXECUTED"    # set on the one re-exec: never a second
 MODES = ("system", "mimalloc", "hugetlb")
 # Keep freed memory (never purge it back to the OS) and back it by huge pages where allowed.
 MIMALLOC_OPTIONS = {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}
@@ -45,26 +47,43 @@ def _glibc() -> bool:
 
 
 def mimalloc_library() -> str | None:
-  """The path of the mimalloc shared library the cmeel-mimalloc wheel installed, or None."""
+  """The absolute path of the mimalloc shared library the cmeel-mimalloc wheel installed, or None
+  if it is not installed or sits at a path LD_PRELOAD cannot carry (':' or whitespace in it)."""
   try:
     files = importlib.metadata.files("cmeel-mimalloc") or []
   except importlib.metadata.PackageNotFoundError:
     return None
-  return next((str(f.locate()) for f in files if f.name == "libmimalloc.so"), None)
+  path = next((os.path.abspath(f.locate()) for f in files if f.name == "libmimalloc.so"), None)
+  if path is None or not os.path.isfile(path) or any(c in path for c in ": \t\n"):
+    return None
+  return path
+
+
+def active(env: Mapping[str, str] = os.environ) -> str:
+  """The allocator this environment runs with (what a benchmark records beside its figures)."""
+  if "libmimalloc" in env.get("LD_PRELOAD", ""):
+    return "mimalloc"
+  return "hugetlb" if "glibc.malloc.hugetlb=1" in env.get("GLIBC_TUNABLES", "") else "system"
 
 
 def with_host_malloc(env: Mapping[str, str]) -> dict[str, str]:
   """`env` with what its DCMODEL_HOST_MALLOC asks for and this host can give, added beside a
   user's own GLIBC_TUNABLES, LD_PRELOAD and MIMALLOC_* settings. Unchanged when already there
-  (a re-executed process) or not applicable. ValueError for an unknown mode."""
+  (a re-executed process) or not applicable. ValueError for an unknown mode, or for mimalloc on
+  Linux without its library."""
   out = dict(env)
   mode = out.get(SWITCH) or "system"
   if mode not in MODES:
     raise ValueError(f"{SWITCH}={mode!r} is not one of {', '.join(MODES)}")
   if mode == "hugetlb" and _glibc() and "glibc.malloc.hugetlb" not in out.get("GLIBC_TUNABLES", ""):
     out["GLIBC_TUNABLES"] = ":".join(filter(None, [out.get("GLIBC_TUNABLES", ""), *MALLOC_TUNABLES]))
-  library = mimalloc_library() if mode == "mimalloc" and sys.platform == "linux" else None
-  if library and library not in out.get("LD_PRELOAD", "").split(":"):
+  if mode != "mimalloc" or sys.platform != "linux":
+    return out
+  library = mimalloc_library()
+  if library is None:
+    raise ValueError(f"{SWITCH}=mimalloc needs the cmeel-mimalloc package (pip install cmeel-mimalloc), "
+                     "installed at a path without ':' or spaces")
+  if library not in out.get("LD_PRELOAD", "").split(":"):
     out["LD_PRELOAD"] = ":".join(filter(None, [library, out.get("LD_PRELOAD", "")]))
     out.update({k: v for k, v in MIMALLOC_OPTIONS.items() if k not in out})
   return out
@@ -74,6 +93,8 @@ def reexec_with_host_malloc() -> None:
   """Replace this process (same pid, argv and stdio) by one started with the allocator
   DCMODEL_HOST_MALLOC asks for, if it lacks it. Call first thing, before jax loads. An unknown
   mode is a one-line error and exit 2."""
+  if os.environ.get(_REEXECUTED):
+    return
   try:
     env = with_host_malloc(os.environ)
   except ValueError as e:
@@ -81,6 +102,7 @@ def reexec_with_host_malloc() -> None:
     raise SystemExit(2) from None
   if env == os.environ:
     return
+  env[_REEXECUTED] = "1"
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, env)

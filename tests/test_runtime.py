@@ -289,7 +289,8 @@ libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 def use():
   p = libc.malloc(1 << 28); ctypes.memset(p, 1, 1 << 28); libc.free(p)
-print(os.getpid(), "hugetlb" in os.environ.get("GLIBC_TUNABLES", "") or "mimalloc" in os.environ.get("LD_PRELOAD", ""), flush=True)
+print(os.getpid(), "hugetlb" in os.environ.get("GLIBC_TUNABLES", "") or (
+    "mimalloc" in os.environ.get("LD_PRELOAD", "") and os.environ.get("MIMALLOC_PURGE_DELAY") == "-1"), flush=True)
 for _ in range(2):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   t = threading.Thread(target=use); t.start(); t.join()
@@ -299,15 +300,20 @@ sys.exit(cli.main())
 """
 
 
-def _huge_pages() -> bool:
+def _huge_pages() -> str:
+  """The kernel's transparent huge page mode (always, madvise, never; "" where there is none)."""
   try:
-    return "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-  except OSError:
-    return False
+    return open("/sys/kernel/mm/transparent_hugepage/enabled").read().split("[")[1].split("]")[0]
+  except (OSError, IndexError):
+    return ""
 
 
-@pytest.mark.skipif(not (hostenv._glibc() and _huge_pages()), reason="glibc >= 2.35 and transparent huge pages")
-@pytest.mark.parametrize("switch", [None, "hugetlb", "mimalloc"])
+@pytest.mark.parametrize("switch", [
+    pytest.param(None, marks=pytest.mark.skipif(sys.platform != "linux" or _huge_pages() == "always",
+                                                reason="Linux, huge pages not for every mapping")),
+    pytest.param("hugetlb", marks=pytest.mark.skipif(not hostenv._glibc() or _huge_pages() in ("", "never"),
+                                                     reason="glibc >= 2.35 and transparent huge pages")),
+    pytest.param("mimalloc", marks=pytest.mark.skipif(sys.platform != "linux", reason="Linux"))])
 def test_the_cli_reexecs_once_with_the_allocator_asked_for(switch):
   """A 256 MB block freed and allocated again on a thread (as XLA:CPU's temporaries are, each
   call): glibc's defaults fault all of it in again; hugetlb in 2 MiB pages; mimalloc not at all,
@@ -334,13 +340,24 @@ def test_malloc_settings_only_when_asked_and_beside_a_users_own():
     env = hostenv.with_host_malloc({"GLIBC_TUNABLES": "glibc.rtld.nns=2", hostenv.SWITCH: "hugetlb"})
     assert env["GLIBC_TUNABLES"] == ":".join(["glibc.rtld.nns=2", *hostenv.MALLOC_TUNABLES])
     assert hostenv.with_host_malloc(env) == env      # once: the re-executed process keeps it
-  if hostenv.mimalloc_library():
+  assert hostenv.with_host_malloc({hostenv.SWITCH: ""}) == {hostenv.SWITCH: ""}     # empty: the default
+  if sys.platform == "linux":   # a dependency on Linux: installed, a real file
+    assert os.path.isfile(hostenv.mimalloc_library())
     env = hostenv.with_host_malloc({"LD_PRELOAD": "/lib/own.so", "MIMALLOC_PURGE_DELAY": "5", hostenv.SWITCH: "mimalloc"})
-    assert env["LD_PRELOAD"] == f"{hostenv.mimalloc_library()}:/lib/own.so"
+    assert env["LD_PRELOAD"] == f"{hostenv.mimalloc_library()}:/lib/own.so" and hostenv.active(env) == "mimalloc"
     assert env["MIMALLOC_PURGE_DELAY"] == "5" and env["MIMALLOC_ALLOW_LARGE_OS_PAGES"] == "1"   # the user's kept
     assert hostenv.with_host_malloc(env) == env
   with pytest.raises(ValueError, match="DCMODEL_HOST_MALLOC='jemalloc' is not one of system, mimalloc, hugetlb"):
     hostenv.with_host_malloc({hostenv.SWITCH: "jemalloc"})
+
+
+def test_mimalloc_without_its_library_is_an_error_on_linux_and_nothing_elsewhere(monkeypatch):
+  monkeypatch.setattr(hostenv, "mimalloc_library", lambda: None)
+  monkeypatch.setattr(hostenv.sys, "platform", "linux")
+  with pytest.raises(ValueError, match="DCMODEL_HOST_MALLOC=mimalloc needs the cmeel-mimalloc package"):
+    hostenv.with_host_malloc({hostenv.SWITCH: "mimalloc"})
+  monkeypatch.setattr(hostenv.sys, "platform", "darwin")
+  assert hostenv.with_host_malloc({hostenv.SWITCH: "mimalloc"}) == {hostenv.SWITCH: "mimalloc"}
 
 
 def test_an_unknown_allocator_is_a_one_line_error():

@@ -142,15 +142,15 @@ def _wgx_bwd(res, dy):
 
 
 wgx_matmul.defvjp(_wt_fwd, _wgx_bwd)
+
+
 def weight_grad_t_out(x, dy, dtype):
   """layers.weight_grad with the wider-input case's transposed result materialized: one
   transposing copy instead of the optimizer's elementwise fusions each reading it transposed."""
   x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
   if x2.shape[1] <= dy2.shape[1]:
-    dw = jax.lax.optimization_barrier(x2.T) @ dy2
-  else:
-    dw = _t(jax.lax.optimization_barrier(dy2.T) @ x2)
-  return dw.astype(dtype)
+    return weight_grad(x, dy, dtype)
+  return _t(jax.lax.optimization_barrier(dy2.T) @ x2).astype(dtype)
 
 
 @jax.custom_vjp
