@@ -131,17 +131,18 @@ def weight_grad_plain_t(x, dy, dtype):
   return dw.astype(dtype)
 
 
-@jax.custom_vjp
-def wgx_matmul(x, w):
-  return x @ w
+def with_weight_grad(wgrad):
+  """layers.matmul with its weight gradient computed by `wgrad(x, dy, dtype)` instead."""
+  @jax.custom_vjp
+  def mm(x, w):
+    return x @ w
 
+  def bwd(res, dy):
+    x, w = res
+    return (dy @ w.T).astype(x.dtype), wgrad(x, dy, w.dtype)
 
-def _wgx_bwd(res, dy):
-  x, w = res
-  return (dy @ w.T).astype(x.dtype), weight_grad_plain_t(x, dy, w.dtype)
-
-
-wgx_matmul.defvjp(_wt_fwd, _wgx_bwd)
+  mm.defvjp(_wt_fwd, bwd)
+  return mm
 
 
 def weight_grad_t_out(x, dy, dtype):
@@ -153,18 +154,8 @@ def weight_grad_t_out(x, dy, dtype):
   return _t(jax.lax.optimization_barrier(dy2.T) @ x2).astype(dtype)
 
 
-@jax.custom_vjp
-def wgo_matmul(x, w):
-  return x @ w
-
-
-def _wgo_bwd(res, dy):
-  x, w = res
-  return (dy @ w.T).astype(x.dtype), weight_grad_t_out(x, dy, w.dtype)
-
-
-wgo_matmul.defvjp(_wt_fwd, _wgo_bwd)
-MATMULS = {"wt": wt_matmul, "wg": matmul, "wgx": wgx_matmul, "wgo": wgo_matmul}   # wg: landed as layers.weight_grad
+MATMULS = {"wt": wt_matmul, "wg": matmul, "wgx": with_weight_grad(weight_grad_plain_t),
+           "wgo": with_weight_grad(weight_grad_t_out)}   # wg: landed as layers.weight_grad
 _GELU_C = float(np.sqrt(2 / np.pi))
 
 
