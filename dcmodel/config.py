@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from dcmodel import hostenv
 from dcmodel.errors import UserError
 
 
@@ -359,10 +360,11 @@ RUN_FACTS = "_run"   # config.json's record of facts derived at run time (not co
 
 
 def save(cfg: Config, workdir: Path, tokenizer_sha256: str | None = None) -> Path:
-  """The resolved config as WORKDIR/config.json, with the tokenizer it was trained with: a
-  workdir refuses a run with another tokenizer (its token ids would mean other text)."""
+  """The resolved config as WORKDIR/config.json, with the tokenizer it was trained with (a
+  workdir refuses a run with another tokenizer: its token ids would mean other text) and the host
+  allocator the process ran with (hostenv: it moves CPU step times by up to 1.5x)."""
   path = Path(workdir) / "config.json"
-  record = {**to_dict(cfg), RUN_FACTS: {"tokenizer_sha256": tokenizer_sha256}}
+  record = {**to_dict(cfg), RUN_FACTS: {"tokenizer_sha256": tokenizer_sha256, "host_malloc": hostenv.active()}}
   record["data"]["tokenizer"] = _relative_to(cfg.data.tokenizer, Path(workdir))
   tmp = path.with_name("config.json.tmp")
   tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=list) + "\n")

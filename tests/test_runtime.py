@@ -333,6 +333,20 @@ def test_the_cli_reexecs_once_with_the_allocator_asked_for(switch):
     assert int(lines[1].split()[1]) > 60_000 and int(lines[3].split()[1]) < (1_000 if switch == "hugetlb" else 100), lines
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux")
+def test_a_run_under_mimalloc_trains_and_records_it(tmp_path):
+  """`dcmodel train` end to end with DCMODEL_HOST_MALLOC=mimalloc (XLA, Grain's threads, Orbax's
+  checkpoint writes all on the preloaded allocator): it finishes and config.json says so."""
+  env = {**{k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", hostenv.SWITCH)}, hostenv.SWITCH: "mimalloc"}
+  proc = subprocess.run([sys.executable, "-m", "dcmodel.cli", "--host-devices", "2", "train", str(EXPERIMENTS / "digits_mlp.py"),
+                         "--workdir", str(tmp_path / "w"), "--set", "train.steps=4", "--set", "train.progress=false"],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  saved = json.loads((tmp_path / "w" / "config.json").read_text())
+  assert saved["_run"]["host_malloc"] == "mimalloc"
+  assert any(p.name.isdigit() for p in (tmp_path / "w" / "checkpoints").iterdir())
+
+
 def test_malloc_settings_only_when_asked_and_beside_a_users_own():
   assert hostenv.with_host_malloc({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}) == {"GLIBC_TUNABLES": "glibc.rtld.nns=2"}
   assert hostenv.with_host_malloc({hostenv.SWITCH: "system"}) == {hostenv.SWITCH: "system"}
