@@ -16,6 +16,7 @@ Candidates (comma-separated names; `+` joins several, e.g. `qkv+bhtd`):
            which runs on Eigen); against a --base from before that change
   wgx      wg, and the transposed operand of the weight gradient first materialized as it is (the
            norm's output), so the transposing copy does not recompute the norm at a strided pace
+  wot      the MLP output projection stored transposed, (d, f), read through its transpose
   wgo      wg, and the wider-input case's transposed (k, n) result materialized by one transposing
            copy, so the optimizer's elementwise fusions read the gradient contiguously
   gelu     tanh GELU with a custom VJP saving only its input (one fusion forward, one backward)
@@ -46,6 +47,7 @@ import json
 import os
 import sys
 import time
+import types
 
 _n = next((a.split("=")[1] for a in sys.argv if a.startswith("--devices=")), "1")
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={_n}")
@@ -154,6 +156,35 @@ def weight_grad_t_out(x, dy, dtype):
   return _t(jax.lax.optimization_barrier(dy2.T) @ x2).astype(dtype)
 
 
+class _Transposed:
+  """`w[...]` of a weight stored transposed: the (in, out) the layer multiplies by."""
+
+  def __init__(self, param):
+    self.param = param
+
+  def __getitem__(self, key):
+    return self.param[key].T
+
+
+def mlp_out_transposed():
+  """transformer.MLP's (__init__, __call__) with the output projection stored (d, f), as
+  torch.nn.Linear stores it (`wot`), and read through its transpose: layers.matmul's gradient
+  (dY^T X)^T is transposed back, so XLA can write dY^T X in the stored layout and the
+  optimizer reads it contiguously."""
+  init, call = tf.MLP.__init__, tf.MLP.__call__
+
+  def new_init(self, cfg, *, rngs):
+    init(self, cfg, rngs=rngs)
+    meta = {k: (tuple(reversed(v)) if k in ("out_sharding", "sharding_names", "sharding") and v else v)
+            for k, v in self.wo.get_metadata().items()}
+    self.wo = nnx.Param(self.wo[...].T, **meta)
+
+  def new_call(self, x, dtype):
+    view = types.SimpleNamespace(wi=self.wi, wg=self.wg, bi=self.bi, bo=self.bo, wo=_Transposed(self.wo))
+    return call(view, x, dtype)
+  return new_init, new_call
+
+
 MATMULS = {"wt": wt_matmul, "wg": matmul, "wgx": with_weight_grad(weight_grad_plain_t),
            "wgo": with_weight_grad(weight_grad_t_out)}   # wg: landed as layers.weight_grad
 _GELU_C = float(np.sqrt(2 / np.pi))
@@ -252,7 +283,7 @@ BTHD = ("dpa", "einsum", "tblock2", "tblock4")
 def candidate(spec: str):
   """(attention patch or None, config sets, compiler options) for a `+`-joined name."""
   parts = spec.split("+")
-  unknown = [p for p in parts if p not in OPTIONS and p not in SETS and p not in LAYOUTS and p not in ("qkv", "gelu", *MATMULS)]
+  unknown = [p for p in parts if p not in OPTIONS and p not in SETS and p not in LAYOUTS and p not in ("qkv", "gelu", "wot", *MATMULS)]
   if unknown:
     raise SystemExit(f"unknown candidate part(s) {unknown}")
   layout = next((p for p in parts if p in LAYOUTS), "dpa")
@@ -266,6 +297,9 @@ def compiled(variant: str, spec: str, extra_sets=(), devices: int = 1):
   patch, sets, options, mm, new_gelu = candidate(spec) if spec != "dcmodel" else (None, [], {}, None, False)
   global matmul
   original, original_mm, original_gelu = tf.Attention.__call__, (tf.matmul, matmul), jax.nn.gelu
+  original_mlp = tf.MLP.__init__, tf.MLP.__call__
+  if "wot" in spec.split("+"):
+    tf.MLP.__init__, tf.MLP.__call__ = mlp_out_transposed()
   if patch is not None:
     tf.Attention.__call__ = patch
   if mm is not None:
@@ -283,6 +317,7 @@ def compiled(variant: str, spec: str, extra_sets=(), devices: int = 1):
       jax.block_until_ready(first)
   finally:
     tf.Attention.__call__ = original
+    tf.MLP.__init__, tf.MLP.__call__ = original_mlp
     tf.matmul, matmul = original_mm
     jax.nn.gelu = original_gelu
   return {"exe": exe, "state": state, "batch": batch, "first": first, "compile_s": compile_s, "times": []}
@@ -312,8 +347,8 @@ def main():
   for name, r in runs.items():
     s1, m1 = r["first"]
     same[name] = {"loss_rel": abs(float(m0["loss_sum"]) - float(m1["loss_sum"])) / abs(float(m0["loss_sum"])),
-                  "max_param": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1))
-                                   if a.dtype == jnp.float32)}
+                  "max_param": max(float(jnp.max(jnp.abs(a - (b if b.shape == a.shape else b.T))))   # wot's transposed weight
+                                   for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1)) if a.dtype == jnp.float32)}
     del r["first"]
   for r in runs.values():   # one warm-up step each, untimed
     r["state"], _ = r["exe"](r["state"], r["batch"])
