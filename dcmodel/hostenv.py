@@ -31,7 +31,6 @@ from collections.abc import Mapping
 
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1",)
 SWITCH = "DCMODEL_HOST_MALLOC"
-_REEXECUTED = "DCMODEL_HOST_MALLOC_REEXECUTED"    # set on the one re-exec: never a second
 MODES = ("system", "mimalloc", "hugetlb")
 # Keep freed memory (never purge it back to the OS) and back it by huge pages where allowed.
 MIMALLOC_OPTIONS = {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}
@@ -93,16 +92,13 @@ def reexec_with_host_malloc() -> None:
   """Replace this process (same pid, argv and stdio) by one started with the allocator
   DCMODEL_HOST_MALLOC asks for, if it lacks it. Call first thing, before jax loads. An unknown
   mode is a one-line error and exit 2."""
-  if os.environ.get(_REEXECUTED):
-    return
   try:
     env = with_host_malloc(os.environ)
   except ValueError as e:
     print(f"dcmodel: error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
-  if env == os.environ:
+  if env == os.environ:    # already started with it (the re-executed process), or nothing applies
     return
-  env[_REEXECUTED] = "1"
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, env)

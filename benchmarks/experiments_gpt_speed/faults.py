@@ -33,8 +33,6 @@ from benchmarks.experiments_gpt_speed.dc_step import build, step_and_batch  # no
 
 VMSTAT = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall", "compact_success", "compact_fail",
           "pgmajfault", "thp_split_pmd")
-
-
 REPORTED = "/sys/module/page_reporting/parameters/reported_kib"
 
 
