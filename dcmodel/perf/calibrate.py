@@ -41,7 +41,7 @@ def _median_time(fn, *args, repeats: int = 5, warmup: int = 2) -> float:
 @dataclasses.dataclass(frozen=True)
 class HostCalibration:
   matmul_flops: float                   # best float32 matmul FLOP/s over all devices together
-  mem_bw: float                         # bytes/s, read + write of a large array over all devices
+  mem_bw: float                         # bytes/s XLA's elementwise fusions move (as its cost analysis counts them), all devices
   collectives: dict                     # name -> {"alpha_s": ..., "bw": ...} on all devices (one ring)
   devices: int
   platform: str
@@ -104,6 +104,35 @@ def memory_bandwidth(mib: int = 256, devices=None) -> float:
   return 2 * 4 * n / _median_time(f, x, repeats=9)
 
 
+def _residual_blocks_loss(x, scales):
+  """Matmul-free residual blocks (RMS norm, scale, GELU): the elementwise work of a transformer step."""
+  for s in scales:
+    x = x + jax.nn.gelu(x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * s)
+  return jnp.sum(x * x)
+
+
+def fusion_program(tokens: int = 3072, width: int = 384, blocks: int = 4):
+  """The gradient of `blocks` matmul-free residual blocks over a (tokens, width) array, and
+  XLA's bytes accessed for it on one device (the count a step's non-matmul traffic is taken from)."""
+  grad = jax.grad(_residual_blocks_loss, argnums=(0, 1))
+  x, s = jnp.full((tokens, width), 0.5, jnp.float32), jnp.ones((blocks, width), jnp.float32)
+  cost = jax.jit(grad).lower(x, s).compile().cost_analysis()
+  return grad, float(cost["bytes accessed"])
+
+
+def fusion_bandwidth(tokens: int = 3072, width: int = 384, devices=None) -> float:
+  """Bytes/s of XLA's elementwise fusions as a train step runs them: the backward of norms and
+  activations (`fusion_program`) on every device at once, its bytes as XLA's cost analysis
+  counts them, so the rate divides the same count the step model's traffic is. Its
+  temporaries come from the allocator each call, as a step's do (on a CPU host: page faults
+  with glibc's defaults, none with an allocator that keeps freed memory). Median of 9 runs."""
+  split, count = _split(devices)
+  grad, per_device = fusion_program(tokens, width)
+  x = jax.device_put(jnp.full((count, tokens, width), 0.5, jnp.float32), split)
+  s = jax.device_put(jnp.ones((count, 4, width), jnp.float32), split)
+  return count * per_device / _median_time(jax.jit(jax.vmap(grad)), x, s, repeats=9)
+
+
 def read_bandwidth(mib: int = 256) -> float:
   """Bytes/s of summing an array split across the devices: each byte read once, nothing written
   (the traffic of reading weights and a KV cache in decoding). Median of 9 runs."""
@@ -162,6 +191,6 @@ def collective_alpha_beta(sizes_bytes=(2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22, 2 ** 
 def calibrate(quick: bool = False) -> HostCalibration:
   sizes = (2 ** 12, 2 ** 18, 2 ** 22) if quick else (2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22, 2 ** 24)
   peak = matmul_peak((512, 1024) if quick else (512, 1024, 2048))
-  return HostCalibration(matmul_flops=peak, mem_bw=memory_bandwidth(256), collectives=collective_alpha_beta(sizes),
+  return HostCalibration(matmul_flops=peak, mem_bw=fusion_bandwidth(), collectives=collective_alpha_beta(sizes),
                          devices=jax.device_count(), platform=jax.devices()[0].platform,
                          matmul_half_dim=matmul_half_dim(peak))

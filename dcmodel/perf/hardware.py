@@ -125,7 +125,7 @@ def for_device_kind(kind: str) -> Chip | None:
 
 def from_calibration(cal) -> Chip:
   """This host as `perf.calibrate` measured it, per simulated device: the measured matmul rate
-  and its shape curve, the bandwidth of writing fresh buffers, each collective's fitted
+  and its shape curve, the rate XLA's elementwise fusions move bytes, each collective's fitted
   alpha-beta. The devices share the cores, so nothing overlaps; matmul operands stream from
   cache (the fitted curve already holds what they cost)."""
   n, half = cal.devices, cal.matmul_half_dim
