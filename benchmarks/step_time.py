@@ -1,6 +1,6 @@
 """Predicted vs measured train-step time over model sizes x layouts x mesh shapes (8 devices).
 
-1. Calibrate this host (matmul peak, memory bandwidth, collective alpha-beta) on synthetic
+1. Calibrate this host (matmul peak, elementwise-fusion bandwidth, collective alpha-beta) on synthetic
    arrays of its own sizes: nothing a scored configuration runs.
 2. For each configuration: the analytic accounting (FLOPs, matmul bytes), XLA's memory
    traffic for the step compiled on one device, and the host prediction
