@@ -23,6 +23,14 @@ def time_fn(fn, *args, repeats: int = 7, warmup: int = 2) -> dict:
           "spread": (max(times) - min(times)) / statistics.median(times), "repeats": repeats}
 
 
+def paired_speedup(base_times, times) -> dict:
+  """Rounds run interleaved, so each round's base/candidate ratio is one paired sample: their
+  median and quartiles."""
+  ratios = [b / t for b, t in zip(base_times, times)]
+  q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+  return {"median": statistics.median(ratios), "quartiles": [q1, q3]}
+
+
 def machine() -> str:
   return f"{platform.machine()}, {os.cpu_count()} cores, {jax.device_count()} {jax.devices()[0].platform} devices"
 

@@ -12,6 +12,7 @@ import jax
 from flax import nnx
 
 from dcmodel.config import Config
+from dcmodel.perf import calibrate
 from dcmodel.train import state as state_lib
 from dcmodel.train import tasks
 from dcmodel.train.step import make_train_step
@@ -35,11 +36,9 @@ def describe(cfg: Config, compile: bool = False, devices=None) -> dict:
                              cfg.model.batch_spec().inputs, cfg.train.grad_accum_steps)
       compiled = step.lower(target, state_lib.abstract_batch(cfg, data)).compile()
       mem = compiled.memory_analysis()
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      cost = calibrate.compiled_cost(compiled)
       out["compiled"] = {
           "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
           "temp_bytes": int(mem.temp_size_in_bytes), "generated_code_bytes": int(mem.generated_code_size_in_bytes),
-          "flops_per_device": float(cost.get("flops", float("nan"))) if cost else float("nan"),
-          "bytes_accessed_per_device": float(cost.get("bytes accessed", float("nan"))) if cost else float("nan")}
+          "flops_per_device": cost["flops"], "bytes_accessed_per_device": cost["bytes accessed"]}
   return out

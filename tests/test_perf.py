@@ -2,12 +2,12 @@
 
 import itertools
 
+import jax
 import numpy as np
 import pytest
 
 from dcmodel.errors import UserError
-
-from dcmodel.perf import collectives, hardware, optimize, pipeline, roofline
+from dcmodel.perf import calibrate, collectives, hardware, optimize, pipeline, roofline
 
 
 def test_ring_collectives_match_nccl_forms():
@@ -243,3 +243,26 @@ def test_plan_json_ranks_meshes(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "dcmodel.cli", "plan", str(EXPERIMENTS / "stdlib_gpt.py"), "--hardware", "h1000",
                         "--chips", "8"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "unknown hardware 'h1000'; did you mean h100" in bad.stderr
+
+
+def test_the_memory_term_is_calibrated_on_elementwise_fusions_only():
+  """The host step model divides XLA's non-matmul bytes per device by calibrate()'s mem_bw, so
+  the rate's program must be matmul-free and counted as XLA counts it per device for the very
+  program timed (the same on 1 and 2 devices), growing with the array it streams."""
+  one, _ = calibrate.fusion_program(256, 64, devices=jax.devices()[:1])
+  two, _ = calibrate.fusion_program(256, 64, devices=jax.devices()[:2])
+  wide, _ = calibrate.fusion_program(512, 64, devices=jax.devices()[:2])
+  small, large = calibrate.compiled_cost(two)["bytes accessed"], calibrate.compiled_cost(wide)["bytes accessed"]
+  assert " dot(" not in two.as_text() and " convolution(" not in two.as_text()
+  assert calibrate.compiled_cost(one)["bytes accessed"] == small
+  assert 1.8 < large / small < 2.1 and small > 40 * 256 * 64 * 4     # 4 blocks forward and backward: many passes
+  assert 0 < calibrate.fusion_bandwidth(256, 64, devices=jax.devices()[:2]) < float("inf")
+
+
+def test_calibrate_takes_the_memory_term_from_the_fusions(monkeypatch):
+  monkeypatch.setattr(calibrate, "fusion_bandwidth", lambda *a, **k: 123.0)
+  monkeypatch.setattr(calibrate, "memory_bandwidth", lambda *a, **k: pytest.fail("fresh-buffer writes are not the step's rate"))
+  monkeypatch.setattr(calibrate, "matmul_peak", lambda *a, **k: 1e9)
+  monkeypatch.setattr(calibrate, "matmul_half_dim", lambda *a, **k: 0.0)
+  monkeypatch.setattr(calibrate, "collective_alpha_beta", lambda *a, **k: {})
+  assert calibrate.calibrate(quick=True).mem_bw == 123.0

@@ -37,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks.common import paired_speedup  # noqa: E402
 from benchmarks.experiments_gpt_speed import quiet  # noqa: E402
 from dcmodel.models import layers  # noqa: E402
 
@@ -245,9 +246,8 @@ def run(candidates: list[dict], rounds: int, steps: int, gate_s: float = 0.0) ->
                  "tokens_per_s": k["batch"] * k["seq"] / min(wall), "gflops": flops_per_step(k) / min(wall) / 1e9})
   base = rows[0]["step_s_runs"]
   for r in rows:
-    ratios = [b / w for b, w in zip(base, r["step_s_runs"])]
-    r["speedup_paired"] = float(np.median(ratios))
-    r["speedup_paired_quartiles"] = [float(q) for q in np.percentile(ratios, [25, 75])]
+    paired = paired_speedup(base, r["step_s_runs"])
+    r["speedup_paired"], r["speedup_paired_quartiles"] = paired["median"], paired["quartiles"]
     r["cpu_speedup"] = rows[0]["cpu_s"] / r["cpu_s"]
     print(f"{json.dumps(r['candidate']):50s} x{r['speedup_paired']:.3f} paired (quartiles {r['speedup_paired_quartiles'][0]:.3f}-"
           f"{r['speedup_paired_quartiles'][1]:.3f})  min {r['min_step_s'] * 1e3:6.0f} ms = {r['tokens_per_s']:5.0f} tok/s "

@@ -20,9 +20,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.common import paired_speedup  # noqa: E402
 from benchmarks.experiments_gpt_speed.dc_step import build, step_and_batch  # noqa: E402
 from dcmodel.mesh import constrain  # noqa: E402
 from dcmodel.models import transformer as tf  # noqa: E402
@@ -101,8 +101,8 @@ def main():
   out = {"variant": args.variant, "same_values": gaps, "min_step_s": {n: min(t) for n, t in times.items()},
          "tokens_per_s_best": {n: 4096 / min(t) for n, t in times.items()}}
   for name in [n for n in runs if n != "dcmodel"]:
-    ratios = [a / b for a, b in zip(times["dcmodel"], times[name])]
-    out[f"speedup_{name}"] = {"paired_median": float(np.median(ratios)), "quartiles": [float(q) for q in np.percentile(ratios, [25, 75])]}
+    paired = paired_speedup(times["dcmodel"], times[name])
+    out[f"speedup_{name}"] = {"paired_median": paired["median"], "quartiles": paired["quartiles"]}
   print(json.dumps(out))
 
 

@@ -59,6 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.common import paired_speedup  # noqa: E402
 from benchmarks.experiments_gpt_speed.dc_step import build, step_and_batch  # noqa: E402
 from dcmodel.mesh import constrain  # noqa: E402
 from dcmodel.models import transformer as tf  # noqa: E402
@@ -362,10 +363,9 @@ def main():
   base = runs[args.base]["times"]
   out = {"variant": args.variant, "rounds": args.rounds, "base": args.base, "candidates": {}}
   for name, r in runs.items():
-    ratios = [a / b for a, b in zip(base, r["times"])]
+    paired = paired_speedup(base, r["times"])
     out["candidates"][name] = {"median_step_s": float(np.median(r["times"])), "min_step_s": min(r["times"]),
-                               "speedup_paired": float(np.median(ratios)),
-                               "quartiles": [float(q) for q in np.percentile(ratios, [25, 75])],
+                               "speedup_paired": paired["median"], "quartiles": paired["quartiles"],
                                "compile_s": r["compile_s"], **same[name]}
     c = out["candidates"][name]
     print(f"{name:22s} x{c['speedup_paired']:.3f} ({c['quartiles'][0]:.3f}-{c['quartiles'][1]:.3f})  median "

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental.layout import Format, Layout  # noqa: E402
 
+from benchmarks.common import paired_speedup  # noqa: E402
 from benchmarks.experiments_gpt_speed import dc_step  # noqa: E402
 
 RULES = {"mlpwo": [("['mlp']['wo']", (1, 0))], "mlpwi": [("['mlp']['wi']", (1, 0))],
@@ -97,13 +98,10 @@ def main():
           r["state"], sums = r["call"](r["state"], batch)
         jax.block_until_ready((r["state"], sums))
         r["times"].append((time.perf_counter() - t) / 2)
-    base = np.array(runs[specs[0]]["times"])
     for spec in specs:
-      t = np.array(runs[spec]["times"])
-      ratio = base / t
-      q1, q3 = np.percentile(ratio, [25, 75])
-      print(f"{spec:12s} {np.median(t) * 1e3:7.1f} ms per step, speedup vs {specs[0]} {np.median(ratio):.3f} "
-            f"(quartiles {q1:.3f}-{q3:.3f}, {len(t)} rounds)")
+      t, paired = runs[spec]["times"], paired_speedup(runs[specs[0]]["times"], runs[spec]["times"])
+      print(f"{spec:12s} {np.median(t) * 1e3:7.1f} ms per step, speedup vs {specs[0]} {paired['median']:.3f} "
+            f"(quartiles {paired['quartiles'][0]:.3f}-{paired['quartiles'][1]:.3f}, {len(t)} rounds)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Measure this host: matmul peak, memory bandwidth, and each collective's alpha-beta on the
+"""Measure this host: matmul peak, the rate of XLA's elementwise fusions (the step model's memory
+term), fresh-buffer and read bandwidth (the roofline's, decoding's), and each collective's alpha-beta on the
 current devices. The figures a prediction uses on a machine with no catalog entry (and a
 check of the catalog on one that has).
 
@@ -111,26 +112,33 @@ def _residual_blocks_loss(x, scales):
   return jnp.sum(x * x)
 
 
-def fusion_program(tokens: int = 3072, width: int = 384, blocks: int = 4):
-  """The gradient of `blocks` matmul-free residual blocks over a (tokens, width) array, and
-  XLA's bytes accessed for it on one device (the count a step's non-matmul traffic is taken from)."""
-  grad = jax.grad(_residual_blocks_loss, argnums=(0, 1))
-  x, s = jnp.full((tokens, width), 0.5, jnp.float32), jnp.ones((blocks, width), jnp.float32)
-  cost = jax.jit(grad).lower(x, s).compile().cost_analysis()
-  return grad, float(cost["bytes accessed"])
+def fusion_program(tokens: int = 3072, width: int = 384, blocks: int = 4, devices=None):
+  """The gradient of `blocks` matmul-free residual blocks over a (tokens, width) array on each of
+  `devices` (default all; vmapped over a leading device axis split across them), compiled, and
+  its arguments. (3072, 384) float32 is 4.5 MiB: a small model's activations per device."""
+  split, count = _split(devices)
+  x = jax.device_put(jnp.full((count, tokens, width), 0.5, jnp.float32), split)
+  s = jax.device_put(jnp.ones((count, blocks, width), jnp.float32), split)
+  return jax.jit(jax.vmap(jax.grad(_residual_blocks_loss, argnums=(0, 1)))).lower(x, s).compile(), (x, s)
+
+
+def compiled_cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled program, per device: {"flops", "bytes accessed"} (nan
+  where the backend gives none)."""
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return {k: float(cost.get(k, float("nan"))) for k in ("flops", "bytes accessed")}
 
 
 def fusion_bandwidth(tokens: int = 3072, width: int = 384, devices=None) -> float:
   """Bytes/s of XLA's elementwise fusions as a train step runs them: the backward of norms and
   activations (`fusion_program`) on every device at once, its bytes as XLA's cost analysis
-  counts them, so the rate divides the same count the step model's traffic is. Its
+  counts them per device, so the rate divides the same count the step model's traffic is. Its
   temporaries come from the allocator each call, as a step's do (on a CPU host: page faults
   with glibc's defaults, none with an allocator that keeps freed memory). Median of 9 runs."""
-  split, count = _split(devices)
-  grad, per_device = fusion_program(tokens, width)
-  x = jax.device_put(jnp.full((count, tokens, width), 0.5, jnp.float32), split)
-  s = jax.device_put(jnp.ones((count, 4, width), jnp.float32), split)
-  return count * per_device / _median_time(jax.jit(jax.vmap(grad)), x, s, repeats=9)
+  compiled, args = fusion_program(tokens, width, devices=devices)
+  count = len(args[0].sharding.device_set)
+  return count * compiled_cost(compiled)["bytes accessed"] / _median_time(compiled, *args, repeats=9)
 
 
 def read_bandwidth(mib: int = 256) -> float:
