@@ -1,6 +1,10 @@
 """The same matmul in each operand layout XLA:CPU may give it: NN, NT (rhs contracted on its last
-dim, as a backward dX = dY @ W^T), TN (lhs contracted on its first dim, as dW = X^T @ dY), at the
-GPT's MLP and projection shapes. Interleaved rounds; GFLOP/s per form.
+dim, as a backward dX = dY @ W^T), TN (lhs contracted on its first dim, as dW = X^T @ dY), TT, at
+the GPT's MLP and projection shapes, in XLA (compiled with the train loop's CPU options, so on
+YNNPACK, which takes TN only through a transposing copy XLA adds) beside the GEMMs that take
+transposed operands as they lie: numpy's OpenBLAS and PyTorch's (2 threads; torch is in the
+`peers` extra). Interleaved rounds, each call after a pause that lets the other libraries'
+spinning threads sleep; GFLOP/s per form and library, the median of 5.
 
   PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.dot_forms
 """
@@ -12,32 +16,54 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dcmodel.models.transformer import GPTConfig  # noqa: E402
+
+# OpenBLAS's and PyTorch's OpenMP threads spin for a while after a call, taking the cores from
+# whatever runs next: each timed call starts after they have gone to sleep
+SETTLE_S = 0.3
+DIMS = {"NN": ((1,), (0,)), "NT": ((1,), (1,)), "TN": ((0,), (0,)), "TT": ((0,), (1,))}
 
 
-def forms(m, k, n):
-  """{form: (fn, operands)} computing the same (m, n) = (m, k) @ (k, n) product."""
+def operands(m, k, n):
+  """{form: (a, b)} stored as the form lays them out, all for the same (m, k) @ (k, n) product."""
   r = np.random.default_rng(0)
   a, b = r.standard_normal((m, k), np.float32), r.standard_normal((k, n), np.float32)
-  dot = lambda x, y, dims: jax.lax.dot_general(x, y, (dims, ((), ())))
-  return {"NN": (jax.jit(lambda x, y: dot(x, y, ((1,), (0,)))), (a, b)),
-          "NT": (jax.jit(lambda x, y: dot(x, y, ((1,), (1,)))), (a, np.ascontiguousarray(b.T))),
-          "TN": (jax.jit(lambda x, y: dot(x, y, ((0,), (0,)))), (np.ascontiguousarray(a.T), b)),
-          "TT": (jax.jit(lambda x, y: dot(x, y, ((0,), (1,)))), (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)))}
+  at, bt = np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
+  return {"NN": (a, b), "NT": (a, bt), "TN": (at, b), "TT": (at, bt)}
+
+
+def contenders(form, a, b):
+  """{library: zero-argument call} for one form: XLA with the loop's options; numpy and torch on
+  transposed views (no copy: the GEMM gets a transpose flag)."""
+  lhs_t, rhs_t = form[0] == "T", form[1] == "T"
+  xla = jax.jit(lambda x, y: jax.lax.dot_general(x, y, (DIMS[form], ((), ())))).lower(a, b).compile(
+      compiler_options=GPTConfig().cpu_compiler_options(1))
+  ja, jb = jax.device_put(a), jax.device_put(b)
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  view = lambda x, t: x.T if t else x
+  return {"XLA": lambda: jax.block_until_ready(xla(ja, jb)),
+          "OpenBLAS": lambda: view(a, lhs_t) @ view(b, rhs_t),
+          "torch": lambda: view(ta, lhs_t) @ view(tb, rhs_t)}
 
 
 def main():
+  torch.set_num_threads(2)
   for m, k, n in [(4096, 512, 2048), (4096, 2048, 512), (512, 4096, 2048), (4096, 512, 512), (512, 4096, 512), (4096, 512, 1536)]:
-    fs = {name: (f, [jax.device_put(o) for o in ops]) for name, (f, ops) in forms(m, k, n).items()}
-    times = {name: [] for name in fs}
-    for name, (f, ops) in fs.items():
-      jax.block_until_ready(f(*ops))
+    calls = {(form, lib): f for form, (a, b) in operands(m, k, n).items() for lib, f in contenders(form, a, b).items()}
+    times = {key: [] for key in calls}
+    for f in calls.values():
+      f()
     for _ in range(5):
-      for name, (f, ops) in fs.items():
+      for key, f in calls.items():
+        time.sleep(SETTLE_S)
         t = time.perf_counter()
-        jax.block_until_ready(f(*ops))
-        times[name].append(time.perf_counter() - t)
-    print(f"({m}x{k}) @ ({k}x{n}): " + "  ".join(
-        f"{name} {2 * m * k * n / np.median(t) / 1e9:5.0f} GFLOP/s" for name, t in times.items()), flush=True)
+        f()
+        times[key].append(time.perf_counter() - t)
+    rate = lambda key: 2 * m * k * n / np.median(times[key]) / 1e9
+    print(f"({m}x{k}) @ ({k}x{n}) GFLOP/s XLA / OpenBLAS / torch: " + "  ".join(
+        f"{form} {rate((form, 'XLA')):4.0f} / {rate((form, 'OpenBLAS')):4.0f} / {rate((form, 'torch')):4.0f}" for form in DIMS), flush=True)
 
 
 if __name__ == "__main__":
