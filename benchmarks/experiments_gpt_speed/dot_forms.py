@@ -3,8 +3,9 @@ dim, as a backward dX = dY @ W^T), TN (lhs contracted on its first dim, as dW = 
 the GPT's MLP and projection shapes, in XLA (compiled with the train loop's CPU options, so on
 YNNPACK, which takes TN only through a transposing copy XLA adds) beside the GEMMs that take
 transposed operands as they lie: numpy's OpenBLAS and PyTorch's (2 threads; torch is in the
-`peers` extra). Interleaved rounds, each call after a pause that lets the other libraries'
-spinning threads sleep; GFLOP/s per form and library, the median of 5.
+`peers` extra). Five rounds; in each, one library's calls run back to back (a warm-up call, then
+three timed, for each form), so OpenBLAS's and PyTorch's threads, which spin after a call, slow
+only a warm-up; GFLOP/s per form and library, the median of the 15 timed calls.
 
   PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.dot_forms
 """
@@ -20,9 +21,7 @@ import torch  # noqa: E402
 
 from dcmodel.models.transformer import GPTConfig  # noqa: E402
 
-# OpenBLAS's and PyTorch's OpenMP threads spin for a while after a call, taking the cores from
-# whatever runs next: each timed call starts after they have gone to sleep
-SETTLE_S = 0.3
+LIBRARIES = ("XLA", "OpenBLAS", "torch")
 DIMS = {"NN": ((1,), (0,)), "NT": ((1,), (1,)), "TN": ((0,), (0,)), "TT": ((0,), (1,))}
 
 
@@ -51,16 +50,17 @@ def contenders(form, a, b):
 def main():
   torch.set_num_threads(2)
   for m, k, n in [(4096, 512, 2048), (4096, 2048, 512), (512, 4096, 2048), (4096, 512, 512), (512, 4096, 512), (4096, 512, 1536)]:
-    calls = {(form, lib): f for form, (a, b) in operands(m, k, n).items() for lib, f in contenders(form, a, b).items()}
-    times = {key: [] for key in calls}
-    for f in calls.values():
-      f()
+    calls = {lib: {form: f for form, (a, b) in operands(m, k, n).items() for lb, f in contenders(form, a, b).items() if lb == lib}
+             for lib in LIBRARIES}
+    times = {(form, lib): [] for lib in LIBRARIES for form in DIMS}
     for _ in range(5):
-      for key, f in calls.items():
-        time.sleep(SETTLE_S)
-        t = time.perf_counter()
-        f()
-        times[key].append(time.perf_counter() - t)
+      for lib in LIBRARIES:       # one library's calls back to back: the others' spinning threads hit only its warm-up
+        for form, f in calls[lib].items():
+          f()
+          for _ in range(3):
+            t = time.perf_counter()
+            f()
+            times[(form, lib)].append(time.perf_counter() - t)
     rate = lambda key: 2 * m * k * n / np.median(times[key]) / 1e9
     print(f"({m}x{k}) @ ({k}x{n}) GFLOP/s XLA / OpenBLAS / torch: " + "  ".join(
         f"{form} {rate((form, 'XLA')):4.0f} / {rate((form, 'OpenBLAS')):4.0f} / {rate((form, 'torch')):4.0f}" for form in DIMS), flush=True)
