@@ -50,8 +50,12 @@ def contenders(form, a, b):
 def main():
   torch.set_num_threads(2)
   for m, k, n in [(4096, 512, 2048), (4096, 2048, 512), (512, 4096, 2048), (4096, 512, 512), (512, 4096, 512), (4096, 512, 1536)]:
-    calls = {lib: {form: f for form, (a, b) in operands(m, k, n).items() for lb, f in contenders(form, a, b).items() if lb == lib}
-             for lib in LIBRARIES}
+    by_form = {form: contenders(form, a, b) for form, (a, b) in operands(m, k, n).items()}
+    reference = np.asarray(by_form["NN"]["OpenBLAS"]())
+    for form, fs in by_form.items():              # every library and form computes the same product
+      for lib, f in fs.items():
+        np.testing.assert_allclose(np.asarray(f()), reference, rtol=1e-3, atol=1e-3 * np.sqrt(k), err_msg=f"{form} {lib}")
+    calls = {lib: {form: fs[lib] for form, fs in by_form.items()} for lib in LIBRARIES}
     times = {(form, lib): [] for lib in LIBRARIES for form in DIMS}
     for _ in range(5):
       for lib in LIBRARIES:       # one library's calls back to back: the others' spinning threads hit only its warm-up
