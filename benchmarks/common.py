@@ -27,7 +27,7 @@ def paired_speedup(base_times, times) -> dict:
   """Rounds run interleaved, so each round's base/candidate ratio is one paired sample: their
   median and quartiles."""
   ratios = [b / t for b, t in zip(base_times, times)]
-  q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+  q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
   return {"median": statistics.median(ratios), "quartiles": [q1, q3]}
 
 

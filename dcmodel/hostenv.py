@@ -62,7 +62,8 @@ def active(env: Mapping[str, str] = os.environ) -> str:
   """The allocator this environment runs with (what a benchmark records beside its figures)."""
   if "libmimalloc" in env.get("LD_PRELOAD", ""):
     return "mimalloc"
-  return "hugetlb" if "glibc.malloc.hugetlb=1" in env.get("GLIBC_TUNABLES", "") else "system"
+  tunables = env.get("GLIBC_TUNABLES", "").split(":")
+  return "hugetlb" if all(t in tunables for t in MALLOC_TUNABLES) else "system"
 
 
 def with_host_malloc(env: Mapping[str, str]) -> dict[str, str]:
