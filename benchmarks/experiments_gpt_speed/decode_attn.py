@@ -1,0 +1,123 @@
+"""Where a batch-8 decode step's time goes besides the weight matmuls: the attention over the KV
+cache. `--profile` attributes `Generator`'s decode scan (lm_decode's 25M model) op by op; the
+default times the attention alone over 8 layers' caches (batch 8, 8 heads, 256 positions, head
+dim 64, filled to position 144: the mean context of lm_decode's 32 + 224 tokens) in the forms XLA
+could run it, interleaved, each checked equal to `KVCache.attend`:
+  cache     KVCache.attend as it is: two batched dots (one query row per batch and head: matvecs)
+  mulred    the dots as multiply-and-reduce fusions (no dot)
+  split2    the batch in two halves, one pair of dots each (independent thunks for the 2 cores)
+  sliceL    only the first L positions (static slices), the part a bucketed cache would read
+
+  PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.decode_attn [--profile] [--rounds 7]
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+from benchmarks.experiments_gpt_speed import attribute, xla_ops  # noqa: E402  (the traceme flag before jax loads)
+
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import paired_speedup  # noqa: E402
+from benchmarks.lm_decode import NEW, config, prompts  # noqa: E402
+from dcmodel.infer.generate import Generator, Sampling  # noqa: E402
+from dcmodel.models.transformer import KVCache  # noqa: E402
+from dcmodel.train import state as state_lib  # noqa: E402
+
+B, H, S, D, LAYERS, FILLED = 8, 8, 256, 64, 8, 144
+NEG = -0.7 * float(np.finfo(np.float32).max)
+
+
+def profile(batch: int) -> None:
+  placed = state_lib.place(config(), jax.devices()[:1])
+  gen = Generator(placed, placed.init())
+  sampling = Sampling(max_new_tokens=NEW)
+  prefill, decode = gen._fns(sampling)
+  with placed.context():
+    tokens = jax.device_put(np.asarray(prompts(batch), np.int32), placed.data_sharding)
+    start = jax.device_put(np.zeros((batch,), np.int32), placed.data_sharding)
+    first, caches = prefill(gen.state, tokens, start, jax.random.key(0))
+    hlo = decode.lower(gen.state, caches, first, jax.random.key(1)).compile().as_text()
+    xla_ops.profile(lambda: decode(gen.state, caches, first, jax.random.key(1)), (), calls=2, trace_dir="/tmp/decode_attn_trace")
+  attribute.report(attribute.attribute("/tmp/decode_attn_trace", hlo, 2 * (NEW - 1)), scope_min_ms=1e9, top=12)
+
+
+def attend(q, k, v, length=S):
+  """Single-query attention over the first `length` positions, (b, 1, h, d) -> (b, 1, h, d)."""
+  d = q.shape[-1]
+  logits = jnp.einsum("bnhd,bhsd->bhns", q, k[:, :, :length], preferred_element_type=jnp.float32) * d ** -0.5
+  logits = jnp.where(jnp.arange(length) <= FILLED, logits, NEG)
+  return jnp.einsum("bhns,bhsd->bnhd", jax.nn.softmax(logits, -1), v[:, :, :length])
+
+
+def mulred(q, k, v):
+  logits = (q[:, 0, :, None, :] * k).sum(-1) * q.shape[-1] ** -0.5           # (b, h, s)
+  probs = jax.nn.softmax(jnp.where(jnp.arange(S) <= FILLED, logits, NEG), -1)
+  return (probs[..., None] * v).sum(-2)[:, None]
+
+
+def split2(q, k, v):
+  h = q.shape[0] // 2
+  return jnp.concatenate([attend(q[:h], k[:h], v[:h]), attend(q[h:], k[h:], v[h:])], 0)
+
+
+def cache(q, k, v):
+  index = jnp.full((q.shape[0],), FILLED, jnp.int32)
+  return KVCache(k, v, index, jnp.zeros_like(index)).attend(q)
+
+
+def chained(form):
+  """The form over every layer's cache, each layer's query the previous output (no reuse across layers)."""
+  @jax.jit
+  def run(q, ks, vs):
+    for k, v in zip(ks, vs):
+      q = q + 1e-3 * form(q, k, v)
+    return q
+  return run
+
+
+def time_forms(rounds: int) -> None:
+  keys = iter(jax.random.split(jax.random.key(0), 2 * LAYERS + 1))
+  ks = [jax.random.normal(next(keys), (B, H, S, D)) for _ in range(LAYERS)]
+  vs = [jax.random.normal(next(keys), (B, H, S, D)) for _ in range(LAYERS)]
+  q = jax.random.normal(next(keys), (B, 1, H, D))
+  forms = {"cache": cache, "mulred": mulred, "split2": split2}
+  forms.update({f"slice{n}": (lambda q, k, v, n=n: attend(q, k, v, n)) for n in (160, 192)})
+  fns = {name: chained(f).lower(q, ks, vs).compile() for name, f in forms.items()}
+  want = np.asarray(fns["cache"](q, ks, vs))
+  for name, fn in fns.items():
+    np.testing.assert_allclose(np.asarray(fn(q, ks, vs)), want, rtol=1e-5, atol=1e-6, err_msg=name)
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      jax.block_until_ready(fn(q, ks, vs))
+      t = time.perf_counter()
+      for _ in range(20):
+        out = fn(q, ks, vs)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t) / 20)
+  whole = 2 * LAYERS * B * H * S * D * 4
+  for name, ts in times.items():
+    speedup = paired_speedup(times["cache"], ts)
+    print(f"{name:9s} {np.median(ts) * 1e3:6.2f} ms ({min(ts) * 1e3:.2f}-{max(ts) * 1e3:.2f})  "
+          f"{whole / np.median(ts) / 1e9:5.1f} GB/s of the whole cache  speedup {speedup['median']:.3f} "
+          "({:.3f}-{:.3f})".format(*speedup["quartiles"]))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--profile", action="store_true", help="attribute Generator's decode op by op instead")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--rounds", type=int, default=7)
+  args = p.parse_args()
+  profile(args.batch) if args.profile else time_forms(args.rounds)
+
+
+if __name__ == "__main__":
+  main()
