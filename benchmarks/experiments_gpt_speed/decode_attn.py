@@ -7,6 +7,7 @@ could run it, interleaved, each checked equal to `KVCache.attend`:
   mulred    the dots as multiply-and-reduce fusions (no dot)
   split2    the batch in two halves, one pair of dots each (independent thunks for the 2 cores)
   sliceL    only the first L positions (static slices), the part a bucketed cache would read
+  kT        keys cached as (batch, heads, head_dim, positions): the logits an NN dot over positions
 
   PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.decode_attn [--profile] [--rounds 7]
 """
@@ -67,6 +68,12 @@ def split2(q, k, v):
   return jnp.concatenate([attend(q[:h], k[:h], v[:h]), attend(q[h:], k[h:], v[h:])], 0)
 
 
+def keys_t(q, k, v):
+  """k as (b, h, d, s)."""
+  logits = jnp.einsum("bnhd,bhds->bhns", q, k) * q.shape[-1] ** -0.5
+  return jnp.einsum("bhns,bhsd->bnhd", jax.nn.softmax(jnp.where(jnp.arange(S) <= FILLED, logits, NEG), -1), v)
+
+
 def cache(q, k, v):
   index = jnp.full((q.shape[0],), FILLED, jnp.int32)
   return KVCache(k, v, index, jnp.zeros_like(index)).attend(q)
@@ -87,19 +94,20 @@ def time_forms(rounds: int) -> None:
   ks = [jax.random.normal(next(keys), (B, H, S, D)) for _ in range(LAYERS)]
   vs = [jax.random.normal(next(keys), (B, H, S, D)) for _ in range(LAYERS)]
   q = jax.random.normal(next(keys), (B, 1, H, D))
-  forms = {"cache": cache, "mulred": mulred, "split2": split2}
+  forms = {"cache": cache, "mulred": mulred, "split2": split2, "kT": keys_t}
   forms.update({f"slice{n}": (lambda q, k, v, n=n: attend(q, k, v, n)) for n in (160, 192)})
-  fns = {name: chained(f).lower(q, ks, vs).compile() for name, f in forms.items()}
-  want = np.asarray(fns["cache"](q, ks, vs))
+  args = {name: (q, [k.transpose(0, 1, 3, 2) for k in ks] if name == "kT" else ks, vs) for name in forms}
+  fns = {name: chained(f).lower(*args[name]).compile() for name, f in forms.items()}
+  want = np.asarray(fns["cache"](*args["cache"]))
   for name, fn in fns.items():
-    np.testing.assert_allclose(np.asarray(fn(q, ks, vs)), want, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(np.asarray(fn(*args[name])), want, rtol=1e-5, atol=1e-6, err_msg=name)
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      jax.block_until_ready(fn(q, ks, vs))
+      jax.block_until_ready(fn(*args[name]))
       t = time.perf_counter()
       for _ in range(20):
-        out = fn(q, ks, vs)
+        out = fn(*args[name])
       jax.block_until_ready(out)
       times[name].append((time.perf_counter() - t) / 20)
   whole = 2 * LAYERS * B * H * S * D * 4
