@@ -1,4 +1,4 @@
-"""The GPT train step (d512, 4 layers, T=128, batch 32, one device, 2 threads) in dcmodel and in
+"""The GPT (or Llama) train step (d512, 4 layers, T=128, batch 32, one device, 2 threads) in dcmodel and in
 PyTorch eager, profiled in one process and split into the same classes: dense matmuls,
 attention (dcmodel: its batched dots; PyTorch: the flash kernel, which also does the softmax),
 layout copies, everything else, and time with no op running. dcmodel's step is `make_train_step`
@@ -9,7 +9,7 @@ comparison: in one process the two contend (PyTorch's OpenMP threads spin on aft
 interleaved here, dcmodel's step took 3.4 s against 2.2 s in a process of its own), so each side's
 absolute times are inflated; lm_peers compares speed, each contender in its own process.
 
-  PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.side_by_side [--out FILE]
+  PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.side_by_side [--variant gpt|llama] [--out FILE]
 """
 
 from __future__ import annotations
@@ -66,17 +66,18 @@ def torch_profile(step, calls: int) -> dict:
 
 def main():
   p = argparse.ArgumentParser()
+  p.add_argument("--variant", default="gpt", choices=("gpt", "llama"))
   p.add_argument("--calls", type=int, default=2, help="profiled steps per framework")
   p.add_argument("--out")
   args = p.parse_args()
-  dc = dc_variants.compiled("gpt", "ynn_dot")
+  dc = dc_variants.compiled(args.variant, "ynn_dot")
   holder = [dc["state"]]
 
   def dc_step():
     holder[0], sums = dc["exe"](holder[0], dc["batch"])
     jax.block_until_ready((holder[0], sums))
 
-  pt_step = make_step("gpt")
+  pt_step = make_step(args.variant)
   for f in (dc_step, pt_step, dc_step, pt_step):    # warm-up
     f()
   dc_prof = attribute.attribute_step(dc["exe"], holder[0], dc["batch"], dc["exe"].as_text(), "side_by_side", calls=args.calls)
