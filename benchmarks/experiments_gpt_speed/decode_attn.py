@@ -121,7 +121,7 @@ def time_forms(rounds: int) -> None:
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--profile", action="store_true", help="attribute Generator's decode op by op instead")
-  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--batch", type=int, default=8, help="--profile's decode batch")
   p.add_argument("--rounds", type=int, default=7)
   args = p.parse_args()
   profile(args.batch) if args.profile else time_forms(args.rounds)
