@@ -6,6 +6,7 @@ could run it, interleaved, each checked equal to `KVCache.attend`:
   cache     KVCache.attend as it is: two batched dots (one query row per batch and head: matvecs)
   mulred    the dots as multiply-and-reduce fusions (no dot)
   split2    the batch in two halves, one pair of dots each (independent thunks for the 2 cores)
+  stored2   the same with the cache stored as two batch halves (no slicing of it)
   sliceL    only the first L positions (static slices), the part a bucketed cache would read
   kT        keys cached as (batch, heads, head_dim, positions): the logits an NN dot over positions
 
@@ -68,6 +69,12 @@ def split2(q, k, v):
   return jnp.concatenate([attend(q[:h], k[:h], v[:h]), attend(q[h:], k[h:], v[h:])], 0)
 
 
+def stored2(q, k, v):
+  """k, v: the cache's two batch halves, each its own array."""
+  h = q.shape[0] // 2
+  return jnp.concatenate([cache(q[:h], k[0], v[0]), cache(q[h:], k[1], v[1])], 0)
+
+
 def keys_t(q, k, v):
   """k as (b, h, d, s)."""
   logits = jnp.einsum("bnhd,bhds->bhns", q, k) * q.shape[-1] ** -0.5
@@ -94,9 +101,11 @@ def time_forms(rounds: int) -> None:
   ks = [jax.random.normal(next(keys), (B, H, S, D)) for _ in range(LAYERS)]
   vs = [jax.random.normal(next(keys), (B, H, S, D)) for _ in range(LAYERS)]
   q = jax.random.normal(next(keys), (B, 1, H, D))
-  forms = {"cache": cache, "mulred": mulred, "split2": split2, "kT": keys_t}
+  forms = {"cache": cache, "mulred": mulred, "split2": split2, "stored2": stored2, "kT": keys_t}
   forms.update({f"slice{n}": (lambda q, k, v, n=n: attend(q, k, v, n)) for n in (160, 192)})
-  args = {name: (q, [k.transpose(0, 1, 3, 2) for k in ks] if name == "kT" else ks, vs) for name in forms}
+  args = {name: (q, ks, vs) for name in forms}
+  args["kT"] = (q, [k.transpose(0, 1, 3, 2) for k in ks], vs)
+  args["stored2"] = (q, [tuple(jnp.split(k, 2)) for k in ks], [tuple(jnp.split(v, 2)) for v in vs])
   fns = {name: chained(f).lower(*args[name]).compile() for name, f in forms.items()}
   want = np.asarray(fns["cache"](*args["cache"]))
   for name, fn in fns.items():
