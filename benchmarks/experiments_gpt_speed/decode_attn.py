@@ -4,6 +4,8 @@ default times the attention alone over 8 layers' caches (batch 8, 8 heads, 256 p
 dim 64, filled to position 144: the mean context of lm_decode's 32 + 224 tokens) in the forms XLA
 could run it, interleaved, each checked equal to `KVCache.attend`:
   cache     KVCache.attend as it is: two batched dots (one query row per batch and head: matvecs)
+  cache1t   the same compiled with xla_cpu_multi_thread_eigen=false (one thread per op): whether
+            Eigen spreads those dots over both cores
   mulred    the dots as multiply-and-reduce fusions (no dot)
   split2    the batch in two halves, one pair of dots each (independent thunks for the 2 cores)
   stored2   the same with the cache stored as two batch halves (no slicing of it)
@@ -101,12 +103,13 @@ def time_forms(rounds: int) -> None:
   ks = [jax.random.normal(next(keys), (B, H, S, D)) for _ in range(LAYERS)]
   vs = [jax.random.normal(next(keys), (B, H, S, D)) for _ in range(LAYERS)]
   q = jax.random.normal(next(keys), (B, 1, H, D))
-  forms = {"cache": cache, "mulred": mulred, "split2": split2, "stored2": stored2, "kT": keys_t}
+  forms = {"cache": cache, "cache1t": cache, "mulred": mulred, "split2": split2, "stored2": stored2, "kT": keys_t}
   forms.update({f"slice{n}": (lambda q, k, v, n=n: attend(q, k, v, n)) for n in (160, 192)})
   args = {name: (q, ks, vs) for name in forms}
   args["kT"] = (q, [k.transpose(0, 1, 3, 2) for k in ks], vs)
   args["stored2"] = (q, [tuple(jnp.split(k, 2)) for k in ks], [tuple(jnp.split(v, 2)) for v in vs])
-  fns = {name: chained(f).lower(*args[name]).compile() for name, f in forms.items()}
+  options = {"cache1t": {"xla_cpu_multi_thread_eigen": False}}
+  fns = {name: chained(f).lower(*args[name]).compile(compiler_options=options.get(name)) for name, f in forms.items()}
   want = np.asarray(fns["cache"](*args["cache"]))
   for name, fn in fns.items():
     np.testing.assert_allclose(np.asarray(fn(*args[name])), want, rtol=1e-5, atol=1e-6, err_msg=name)
