@@ -11,11 +11,14 @@ checked equal. Training is the stdlib_gpt experiment's: AdamW (b2 0.95, weight d
 global-norm clipping at 1.0, warmup-cosine learning rate over the run's steps.
 
 Contenders, each in its own process (its own simulated devices and threads):
-- dcmodel-1 / dcmodel-8: `dcmodel.train.loop.train` on the experiment config, 1 device or 8
-  simulated devices (data parallel), checkpoints and evaluation off. Timed as benchmarks/peers.py
-  does: from the first step after the warm-up's metrics read (a host sync) to the final metrics
-  read, so compilation and warm-up are excluded and the result is blocked on.
-- xla-1 / xla-8: the bare jitted step: dcmodel's own `make_train_step` called on batches already
+- dcmodel-1 / dcmodel-8 / dcmodel-fsdp8: `dcmodel.train.loop.train` on the experiment config, 1
+  device, 8 simulated devices data parallel, or 8 sharded FSDP (the batch split 8 ways as in data
+  parallel, the parameters and AdamW state sharded: each device updates an eighth of them, where data
+  parallel repeats the whole update on all 8, sharing 2 cores), checkpoints and
+  evaluation off. Timed as benchmarks/peers.py does: from the first step after the warm-up's metrics
+  read (a host sync) to the final metrics read, so compilation and warm-up are excluded and the
+  result is blocked on. A contender named after Layout.name() (dcmodel-fsdp4xmodel2) runs that mesh.
+- xla-1 / xla-fsdp8: the bare jitted step: dcmodel's own `make_train_step` called on batches already
   on the devices (no input pipeline, no metrics, no loop), so the loop's cost is visible.
 - torch-eager, torch-compile (mode "default" and "max-autotune-no-cudagraphs"): the PyTorch GPT,
   all cores as intra-op threads, AdamW with the fastest of its CPU implementations (fused), the
@@ -48,6 +51,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -65,15 +69,16 @@ SHAPE = ["model.d_model=512", "model.num_layers=4", "model.num_heads=8", "model.
          "model.norm=rmsnorm", "model.use_bias=false", "model.dtype=float32", "data.global_batch_size=32"]
 VARIANTS = {"gpt": ["model.mlp=gelu", "model.d_ff=2048", "model.positions=learned", "model.tie_embeddings=true"],
             "llama": ["model.mlp=swiglu", "model.d_ff=1536", "model.positions=rope", "model.tie_embeddings=false"]}
-CONTENDERS = ["dcmodel-1", "dcmodel-8", "xla-1", "xla-8", "torch-eager", "torch-compile", "torch-compile-max-autotune"]
+CONTENDERS = ["dcmodel-1", "dcmodel-8", "dcmodel-fsdp8", "xla-1", "xla-fsdp8", "torch-eager", "torch-compile", "torch-compile-max-autotune"]
 WARMUP = 2   # untimed steps: compilation (XLA and Inductor) and the first run of every kernel
 
 
-def config(variant: str, devices: int, steps: int, extra=()):
-  """The stdlib_gpt experiment at the benchmark shape, `steps` long, on `devices` (data parallel)."""
+def config(variant: str, mesh: int | dict, steps: int, extra=()):
+  """The stdlib_gpt experiment at the benchmark shape, `steps` long, on `mesh`: a device count
+  (data parallel) or axis -> size."""
   from dcmodel import experiment
   return experiment.load(ROOT / "experiments" / "stdlib_gpt.py", [
-      *SHAPE, *VARIANTS[variant], f"mesh.data={devices}", f"train.steps={steps}", f"train.log_every={WARMUP}",
+      *SHAPE, *VARIANTS[variant], *(f"mesh.{a}={n}" for a, n in (mesh if isinstance(mesh, dict) else {"data": mesh}).items()), f"train.steps={steps}", f"train.log_every={WARMUP}",
       "train.eval_every=0", "train.final_eval=false", "train.progress=false", "checkpoint.enabled=false", *extra])
 
 
@@ -94,12 +99,20 @@ def _digest(a) -> str:
 
 
 # ---------------------------------------------------------------- dcmodel's train loop
-def run_dcmodel(variant: str, devices: int, data: Path, steps: int) -> dict:
+def mesh_of(contender: str) -> dict[str, int]:
+  """A dcmodel contender's mesh from its name: 'dcmodel-8' is 8 devices data parallel,
+  'dcmodel-fsdp4xmodel2' that mesh (as Layout.name() spells it)."""
+  spec = contender.split("-", 1)[1]
+  return {"data": int(spec)} if spec.isdigit() else {a: int(n) for a, n in re.findall(r"(data|fsdp|model)(\d+)", spec)}
+
+
+def run_dcmodel(variant: str, mesh: dict, data: Path, steps: int) -> dict:
   import jax
   from dcmodel.perf import accounting
   from dcmodel.train.loop import train
   from dcmodel.train.metrics import read
-  cfg = config(variant, devices, steps)
+  cfg = config(variant, mesh, steps)
+  devices = math.prod(mesh.values())
   stamps, first = {}, {}
 
   def hook(step, batch):   # the wall clock at each step's dispatch, and the first batch, for the same-data check
@@ -119,14 +132,14 @@ def run_dcmodel(variant: str, devices: int, data: Path, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------- the bare jitted step
-def run_xla(variant: str, devices: int, data: Path, steps: int) -> dict:
+def run_xla(variant: str, mesh: dict, data: Path, steps: int) -> dict:
   """dcmodel's own make_train_step, called on device-resident batches: no pipeline, no loop."""
   import jax
   from dcmodel.train import state as state_lib
   from dcmodel.train import tasks
   from dcmodel.train.step import make_train_step
-  cfg = config(variant, devices, steps)
-  placed = state_lib.place(cfg, jax.devices()[:devices])
+  cfg = config(variant, mesh, steps)
+  placed = state_lib.place(cfg, jax.devices()[:math.prod(mesh.values())])
   a = np.load(data)
   with placed.context():
     state = placed.init()
@@ -196,9 +209,9 @@ def run_torch(variant: str, mode: str | None, data: Path, steps: int) -> dict:
 
 def run_one(contender: str, variant: str, data: Path, steps: int) -> dict:
   if contender.startswith("dcmodel"):
-    return run_dcmodel(variant, int(contender.split("-")[1]), data, steps)
+    return run_dcmodel(variant, mesh_of(contender), data, steps)
   if contender.startswith("xla"):
-    return run_xla(variant, int(contender.split("-")[1]), data, steps)
+    return run_xla(variant, mesh_of(contender), data, steps)
   if contender == "calibrate":
     from dcmodel.perf import calibrate
     return {"peak_flops": calibrate.matmul_peak()}
@@ -208,7 +221,7 @@ def run_one(contender: str, variant: str, data: Path, steps: int) -> dict:
 
 def child(contender: str, variant: str, data: Path, steps: int) -> dict:
   """One contender in its own process; the simulated device count is set before jax loads."""
-  devices = int(contender.split("-")[1]) if contender.split("-")[0] in ("dcmodel", "xla") else 1
+  devices = math.prod(mesh_of(contender).values()) if contender.split("-")[0] in ("dcmodel", "xla") else 1
   env = {**os.environ, "PYTHONPATH": str(ROOT),
          "XLA_FLAGS": (re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
                        + f" --xla_force_host_platform_device_count={devices}").strip()}
@@ -264,8 +277,11 @@ def main(argv=None) -> int:
     for c, r in row["contenders"].items():
       if best and "tokens_per_s" in r:
         r["vs_best_torch"] = r["tokens_per_s"] / torch_rates[best]
-    if "dcmodel-1" in row["contenders"] and "xla-1" in row["contenders"]:
-      row["dcmodel_of_bare_step_1"] = row["contenders"]["dcmodel-1"].get("tokens_per_s", float("nan")) / row["contenders"]["xla-1"].get("tokens_per_s", float("nan"))
+    for c in row["contenders"]:   # the loop against its bare step on the same mesh (dcmodel-1 / xla-1, ...)
+      mesh = c.split("-", 1)[1]
+      if c.startswith("dcmodel-") and f"xla-{mesh}" in row["contenders"]:
+        row[f"dcmodel_of_bare_step_{mesh}"] = (row["contenders"][c].get("tokens_per_s", float("nan"))
+                                               / row["contenders"][f"xla-{mesh}"].get("tokens_per_s", float("nan")))
   from benchmarks.common import write
   common = {"peak_flops": peak, "peak_flops_runs": peaks, "rounds": args.rounds, "steps_timed": args.steps - WARMUP,
             "flop_convention": "dcmodel.perf.accounting: matmul FLOPs (multiply-add = 2), forward + backward, full T x T attention, remat not counted"}
@@ -278,7 +294,7 @@ def main(argv=None) -> int:
 
 
 def summarize(variant: str, runs: dict, first_batch: str) -> dict:
-  meta = next((r for r in runs.get("dcmodel-1", []) + runs.get("dcmodel-8", []) if "params" in r), None)
+  meta = next((r for c in runs if c.startswith("dcmodel") for r in runs[c] if "params" in r), None)
   row = {"variant": variant, "params_dcmodel": meta and meta["params"], "flops_per_step": meta and meta["flops_per_step"],
          "tokens_per_step": meta and meta["tokens_per_step"], "contenders": {}}
   torch_params = next((r["params"] for c in runs if c.startswith("torch") for r in runs[c] if "params" in r), None)
