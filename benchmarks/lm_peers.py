@@ -70,6 +70,7 @@ SHAPE = ["model.d_model=512", "model.num_layers=4", "model.num_heads=8", "model.
 VARIANTS = {"gpt": ["model.mlp=gelu", "model.d_ff=2048", "model.positions=learned", "model.tie_embeddings=true"],
             "llama": ["model.mlp=swiglu", "model.d_ff=1536", "model.positions=rope", "model.tie_embeddings=false"]}
 CONTENDERS = ["dcmodel-1", "dcmodel-8", "dcmodel-fsdp8", "xla-1", "xla-fsdp8", "torch-eager", "torch-compile", "torch-compile-max-autotune"]
+TORCH_MODES = {"torch-eager": None, "torch-compile": "default", "torch-compile-max-autotune": "max-autotune-no-cudagraphs"}
 WARMUP = 2   # untimed steps: compilation (XLA and Inductor) and the first run of every kernel
 
 
@@ -103,7 +104,11 @@ def mesh_of(contender: str) -> dict[str, int]:
   """A dcmodel contender's mesh from its name: 'dcmodel-8' is 8 devices data parallel,
   'dcmodel-fsdp4xmodel2' that mesh (as Layout.name() spells it)."""
   spec = contender.split("-", 1)[1]
-  return {"data": int(spec)} if spec.isdigit() else {a: int(n) for a, n in re.findall(r"(data|fsdp|model)(\d+)", spec)}
+  if spec.isdigit():
+    return {"data": int(spec)}
+  if not re.fullmatch(r"(?:(?:data|fsdp|model)\d+x?)+", spec) or spec.endswith("x"):
+    raise ValueError(f"contender {contender!r}: expected dcmodel-N / xla-N or a mesh as Layout.name() spells it (dcmodel-fsdp4xmodel2)")
+  return {a: int(n) for a, n in re.findall(r"(data|fsdp|model)(\d+)", spec)}
 
 
 def run_dcmodel(variant: str, mesh: dict, data: Path, steps: int) -> dict:
@@ -215,8 +220,7 @@ def run_one(contender: str, variant: str, data: Path, steps: int) -> dict:
   if contender == "calibrate":
     from dcmodel.perf import calibrate
     return {"peak_flops": calibrate.matmul_peak()}
-  mode = {"torch-eager": None, "torch-compile": "default", "torch-compile-max-autotune": "max-autotune-no-cudagraphs"}[contender]
-  return run_torch(variant, mode, data, steps)
+  return run_torch(variant, TORCH_MODES[contender], data, steps)
 
 
 def child(contender: str, variant: str, data: Path, steps: int) -> dict:
@@ -250,6 +254,15 @@ def main(argv=None) -> int:
     args.rounds, args.steps, args.variant = 1, 5, "gpt"
     args.contenders = ",".join(c for c in args.contenders.split(",") if c != "torch-compile-max-autotune")
   contenders = args.contenders.split(",")
+  for c in contenders:
+    if c in TORCH_MODES:
+      continue
+    if c.split("-")[0] not in ("dcmodel", "xla") or "-" not in c:
+      p.error(f"unknown contender {c!r}: expected one of {', '.join(CONTENDERS)}, or dcmodel-/xla- with a mesh")
+    try:
+      mesh_of(c)
+    except ValueError as e:
+      p.error(str(e))
   variants = ["gpt", "llama"] if args.variant == "both" else [args.variant]
   rows, peaks = [], []
   with tempfile.TemporaryDirectory() as tmp:
