@@ -220,7 +220,7 @@ def plot(result: dict, suffix: str) -> None:
     rates = [row["contenders"][c]["decode_tokens_per_s"] for c in names]
     ax.bar(range(len(names)), rates, color=["tab:blue" if c == "dcmodel" else "tab:orange" for c in names])
     ax.axhline(row["predicted"]["decode_tokens_per_s"], color="k", ls="--", lw=1, label="memory-bound prediction")
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")   # the long contender names overlap flat
     ax.set(ylabel="decode tokens/s", title=f"greedy decode, batch {row['batch']} (25M params)")
     ax.legend(fontsize=8)
   fig.tight_layout()
