@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import subprocess
@@ -63,6 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from dcmodel import hostenv
+from dcmodel.perf.layouts import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = ["model.d_model=512", "model.num_layers=4", "model.num_heads=8", "model.max_len=128", "model.vocab_size=256",
@@ -74,12 +74,13 @@ TORCH_MODES = {"torch-eager": None, "torch-compile": "default", "torch-compile-m
 WARMUP = 2   # untimed steps: compilation (XLA and Inductor) and the first run of every kernel
 
 
-def config(variant: str, mesh: int | dict, steps: int, extra=()):
+def config(variant: str, mesh: int | Layout, steps: int, extra=()):
   """The stdlib_gpt experiment at the benchmark shape, `steps` long, on `mesh`: a device count
-  (data parallel) or axis -> size."""
+  (data parallel) or a Layout."""
   from dcmodel import experiment
+  mesh = mesh if isinstance(mesh, Layout) else Layout(data=mesh)
   return experiment.load(ROOT / "experiments" / "stdlib_gpt.py", [
-      *SHAPE, *VARIANTS[variant], *(f"mesh.{a}={n}" for a, n in (mesh if isinstance(mesh, dict) else {"data": mesh}).items()), f"train.steps={steps}", f"train.log_every={WARMUP}",
+      *SHAPE, *VARIANTS[variant], f"mesh.data={mesh.data}", f"mesh.fsdp={mesh.fsdp}", f"mesh.model={mesh.model}", f"train.steps={steps}", f"train.log_every={WARMUP}",
       "train.eval_every=0", "train.final_eval=false", "train.progress=false", "checkpoint.enabled=false", *extra])
 
 
@@ -100,24 +101,22 @@ def _digest(a) -> str:
 
 
 # ---------------------------------------------------------------- dcmodel's train loop
-def mesh_of(contender: str) -> dict[str, int]:
-  """A dcmodel contender's mesh from its name: 'dcmodel-8' is 8 devices data parallel,
-  'dcmodel-fsdp4xmodel2' that mesh (as Layout.name() spells it)."""
-  spec = contender.split("-", 1)[1]
-  if spec.isdigit():
-    return {"data": int(spec)}
-  if not re.fullmatch(r"(?:(?:data|fsdp|model)\d+x?)+", spec) or spec.endswith("x"):
-    raise ValueError(f"contender {contender!r}: expected dcmodel-N / xla-N or a mesh as Layout.name() spells it (dcmodel-fsdp4xmodel2)")
-  return {a: int(n) for a, n in re.findall(r"(data|fsdp|model)(\d+)", spec)}
+def mesh_of(contender: str) -> Layout:
+  """The mesh a dcmodel-/xla- contender runs on, from its name: 'dcmodel-8' is 8 devices data
+  parallel, 'dcmodel-fsdp4xmodel2' that mesh as Layout.name() spells it."""
+  framework, _, spec = contender.partition("-")
+  if framework not in ("dcmodel", "xla") or not re.fullmatch(r"\d+|(?:data|fsdp|model)\d+(?:x(?:data|fsdp|model)\d+)*", spec):
+    raise ValueError(f"unknown contender {contender!r}: expected one of {', '.join(CONTENDERS)}, or dcmodel-/xla- with a "
+                     "mesh as Layout.name() spells it (dcmodel-fsdp4xmodel2)")
+  return Layout(data=int(spec)) if spec.isdigit() else Layout(**{a: int(n) for a, n in re.findall(r"(data|fsdp|model)(\d+)", spec)})
 
 
-def run_dcmodel(variant: str, mesh: dict, data: Path, steps: int) -> dict:
+def run_dcmodel(variant: str, mesh: Layout, data: Path, steps: int) -> dict:
   import jax
   from dcmodel.perf import accounting
   from dcmodel.train.loop import train
   from dcmodel.train.metrics import read
   cfg = config(variant, mesh, steps)
-  devices = math.prod(mesh.values())
   stamps, first = {}, {}
 
   def hook(step, batch):   # the wall clock at each step's dispatch, and the first batch, for the same-data check
@@ -126,7 +125,7 @@ def run_dcmodel(variant: str, mesh: dict, data: Path, steps: int) -> dict:
       first["x"] = _digest(batch["x"])
 
   with tempfile.TemporaryDirectory() as work:
-    train(cfg, work, batch_hooks=(hook,), devices=jax.devices()[:devices])
+    train(cfg, work, batch_hooks=(hook,), devices=jax.devices()[:mesh.devices])
     logs = [r for r in read(Path(work) / "metrics.jsonl") if r["split"] == "train"]
   timed = [r for r in logs if r["step"] > WARMUP]   # windows of the timed steps: their mean loss, weighted by tokens
   loss = sum(r["loss"] * r["examples"] for r in timed) / sum(r["examples"] for r in timed)
@@ -137,14 +136,14 @@ def run_dcmodel(variant: str, mesh: dict, data: Path, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------- the bare jitted step
-def run_xla(variant: str, mesh: dict, data: Path, steps: int) -> dict:
+def run_xla(variant: str, mesh: Layout, data: Path, steps: int) -> dict:
   """dcmodel's own make_train_step, called on device-resident batches: no pipeline, no loop."""
   import jax
   from dcmodel.train import state as state_lib
   from dcmodel.train import tasks
   from dcmodel.train.step import make_train_step
   cfg = config(variant, mesh, steps)
-  placed = state_lib.place(cfg, jax.devices()[:math.prod(mesh.values())])
+  placed = state_lib.place(cfg, jax.devices()[:mesh.devices])
   a = np.load(data)
   with placed.context():
     state = placed.init()
@@ -225,7 +224,7 @@ def run_one(contender: str, variant: str, data: Path, steps: int) -> dict:
 
 def child(contender: str, variant: str, data: Path, steps: int) -> dict:
   """One contender in its own process; the simulated device count is set before jax loads."""
-  devices = math.prod(mesh_of(contender).values()) if contender.split("-")[0] in ("dcmodel", "xla") else 1
+  devices = mesh_of(contender).devices if contender.split("-")[0] in ("dcmodel", "xla") else 1
   env = {**os.environ, "PYTHONPATH": str(ROOT),
          "XLA_FLAGS": (re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
                        + f" --xla_force_host_platform_device_count={devices}").strip()}
@@ -254,11 +253,7 @@ def main(argv=None) -> int:
     args.rounds, args.steps, args.variant = 1, 5, "gpt"
     args.contenders = ",".join(c for c in args.contenders.split(",") if c != "torch-compile-max-autotune")
   contenders = args.contenders.split(",")
-  for c in contenders:
-    if c in TORCH_MODES:
-      continue
-    if c.split("-")[0] not in ("dcmodel", "xla") or "-" not in c:
-      p.error(f"unknown contender {c!r}: expected one of {', '.join(CONTENDERS)}, or dcmodel-/xla- with a mesh")
+  for c in (c for c in contenders if c not in TORCH_MODES):
     try:
       mesh_of(c)
     except ValueError as e:

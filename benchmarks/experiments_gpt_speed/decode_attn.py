@@ -53,18 +53,21 @@ def profile(batch: int) -> None:
   attribute.report(attribute.attribute("/tmp/decode_attn_trace", hlo, 2 * (NEW - 1)), scope_min_ms=float("inf"), top=12)
 
 
+def probs(logits):
+  """Softmax over the last axis (positions), the unfilled ones masked."""
+  return jax.nn.softmax(jnp.where(jnp.arange(logits.shape[-1]) <= FILLED, logits, NEG), -1)
+
+
 def attend(q, k, v, length=S):
   """Single-query attention over the first `length` positions, (b, 1, h, d) -> (b, 1, h, d)."""
   d = q.shape[-1]
   logits = jnp.einsum("bnhd,bhsd->bhns", q, k[:, :, :length], preferred_element_type=jnp.float32) * d ** -0.5
-  logits = jnp.where(jnp.arange(length) <= FILLED, logits, NEG)
-  return jnp.einsum("bhns,bhsd->bnhd", jax.nn.softmax(logits, -1), v[:, :, :length])
+  return jnp.einsum("bhns,bhsd->bnhd", probs(logits), v[:, :, :length])
 
 
 def mulred(q, k, v):
   logits = (q[:, 0, :, None, :] * k).sum(-1) * q.shape[-1] ** -0.5           # (b, h, s)
-  probs = jax.nn.softmax(jnp.where(jnp.arange(S) <= FILLED, logits, NEG), -1)
-  return (probs[..., None] * v).sum(-2)[:, None]
+  return (probs(logits)[..., None] * v).sum(-2)[:, None]
 
 
 def split2(q, k, v):
@@ -81,7 +84,7 @@ def stored2(q, k, v):
 def keys_t(q, k, v):
   """k as (b, h, d, s)."""
   logits = jnp.einsum("bnhd,bhds->bhns", q, k) * q.shape[-1] ** -0.5
-  return jnp.einsum("bhns,bhsd->bnhd", jax.nn.softmax(jnp.where(jnp.arange(S) <= FILLED, logits, NEG), -1), v)
+  return jnp.einsum("bhns,bhsd->bnhd", probs(logits), v)
 
 
 def cache(q, k, v):
