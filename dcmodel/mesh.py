@@ -108,6 +108,11 @@ def logical_spec(logical_axes: tuple) -> P:
   return P(*spmd.apply_rules(logical_axes, None))
 
 
+def spec_axes(entry) -> tuple:
+  """The mesh axes one PartitionSpec entry names (None, an axis, or a tuple of axes)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def constrain(x, logical_axes: tuple):
   """Pin an activation's layout by logical axes (under the active rules and mesh); a no-op
   outside a mesh, so models also run unsharded."""

@@ -244,30 +244,42 @@ def test_argmax_equals_jnp_argmax_with_ties_and_nans():
 
 
 @pytest.mark.parametrize("layout", [("mesh.data=1", "model.mlp=gelu", "model.tie_embeddings=true"),
+                                    ("mesh.data=2", "mesh.fsdp=4", "model.mlp=gelu", "model.tie_embeddings=true"),
                                     ("mesh.data=2", "mesh.fsdp=2", "mesh.model=2", "model.mlp=swiglu", "model.tie_embeddings=false")],
-                         ids=["one_device_gelu_tied", "dp_fsdp_tp_swiglu_untied"])
+                         ids=["one_device_gelu_tied", "dp_fsdp_gelu_tied", "dp_fsdp_tp_swiglu_untied"])
 def test_transformer_matmul_backward_equals_plain_matmul(monkeypatch, layout):
-  """layers.matmul (the dense layers' and unembedding's x @ w, whose backward on CPU computes dW as
-  a row-major matmul) gives the same loss and updated parameters after a train step as plain
-  x @ w (float32 rounding), on one device and on a sharded mesh; and on CPU the model does use it."""
-  from dcmodel.models import layers, transformer
+  """layers.matmul (the dense layers', projections' and unembedding's product) gives the same loss
+  and updated parameters after a train step as a plain tensordot (float32 rounding), with
+  model.matmul=auto and =xla, on one device and on sharded meshes; and on CPU the model does use
+  what it says: auto multiplies by host BLAS on one device and where the mesh splits only the
+  batch (shard_mapped), by XLA's dots where it splits the model too; xla's backward computes dW
+  as a row-major matmul."""
+  from dcmodel.models import transformer
   from dcmodel.train import tasks
   from dcmodel.train.step import make_train_step
-  cfg = experiment("stdlib_gpt", *SMALL["stdlib_gpt"], *layout)
   rng = np.random.default_rng(0)
-  spec = state_lib.abstract_batch(cfg)
-  batch = {k: (np.ones if k in ("mask", "weights", "target_bytes", "segment_ids") else
-               lambda s, d: rng.integers(0, 32, s).astype(d))(v.shape, v.dtype) for k, v in spec.items()}
   devices = jax.devices()[:1] if "mesh.data=1" in layout else jax.devices()
+  blas = not any(s.startswith("mesh.model=") for s in layout)
+  plain = lambda x, w, impl="auto", contract=1: jnp.tensordot(x, w, contract)
   results = {}
-  for name, fn in (("helper", layers.matmul), ("plain", lambda x, w: x @ w)):
+  for name, sets, fn in (("auto", [], transformer.matmul), ("xla", ["model.matmul=xla"], transformer.matmul),
+                         ("plain", ["model.matmul=xla"], plain)):
+    cfg = experiment("stdlib_gpt", *SMALL["stdlib_gpt"], *layout, *sets)
+    spec = state_lib.abstract_batch(cfg)
+    if not results:
+      batch = {k: (np.ones if k in ("mask", "weights", "target_bytes", "segment_ids") else
+                   lambda s, d: rng.integers(0, 32, s).astype(d))(v.shape, v.dtype) for k, v in spec.items()}
     monkeypatch.setattr(transformer, "matmul", fn)
     placed = state_lib.place(cfg, devices)
     with placed.context():
       step = make_train_step(placed.graphdef, tasks.get("lm"), placed.shardings, placed.data_sharding, cfg.model.batch_spec().inputs)
-      if name == "helper" and jax.default_backend() == "cpu":
-        assert "optimization_barrier" in str(jax.make_jaxpr(step)(placed.init(), batch))   # the NN dW form
+      if jax.default_backend() == "cpu" and name != "plain":
+        hlo = step.lower(placed.init(), batch).as_text()
+        assert ("dcmodel_host_gemm" in hlo) == (name == "auto" and blas), name
+        if name == "xla":
+          assert "optimization_barrier" in str(jax.make_jaxpr(step)(placed.init(), batch))   # the NN dW form
       state, sums = step(placed.init(), jax.device_put(batch, placed.data_sharding))
       results[name] = jax.device_get((state_lib.params(placed.graphdef, state), sums["loss_sum"]))
-  np.testing.assert_allclose(results["helper"][1], results["plain"][1], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results["helper"][0], results["plain"][0])
+  for name in ("auto", "xla"):
+    np.testing.assert_allclose(results[name][1], results["plain"][1], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results[name][0], results["plain"][0])

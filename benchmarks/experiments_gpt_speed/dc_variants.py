@@ -23,6 +23,7 @@ Candidates (comma-separated names; `+` joins several, e.g. `qkv+bhtd`):
   wt       layers.matmul's input gradient dY W^T as an NN dot on an explicit W^T (XLA:CPU's NT form
            ran the (4096,512)x(512,2048) one at half the NN speed)
   bf16     model.dtype=bfloat16 (parameters and optimizer state stay float32)
+  xlamm    model.matmul=xla: the dense layers on XLA's dots, not host BLAS (models/host_gemm.py)
   remat    model.remat=dots
   fast     xla_cpu_enable_fast_math (honoring nothing: no NaN/inf/division/function guarantees)
   ynn_dot  YNNPACK fusions of dots only (xla_cpu_experimental_ynn_fusion_type=dot)
@@ -276,7 +277,7 @@ OPTIONS = {
   "tileprop": {"xla_cpu_experimental_enable_tiling_propagation": True},
   "noemit": {"xla_cpu_use_fusion_emitters": False},
 }
-SETS = {"bf16": ["model.dtype=bfloat16"], "remat": ["model.remat=dots"]}
+SETS = {"bf16": ["model.dtype=bfloat16"], "remat": ["model.remat=dots"], "xlamm": ["model.matmul=xla"]}
 LAYOUTS = ("bhtd", "einsum", "block2", "block4", "tblock2", "tblock4")
 BTHD = ("dpa", "einsum", "tblock2", "tblock4")
 
@@ -303,8 +304,8 @@ def compiled(variant: str, spec: str, extra_sets=(), devices: int = 1):
     tf.MLP.__init__, tf.MLP.__call__ = mlp_out_transposed()
   if patch is not None:
     tf.Attention.__call__ = patch
-  if mm is not None:
-    tf.matmul = matmul = mm
+  if mm is not None:   # the patches replace the 2-D products; the attention's projections stay tensordots
+    tf.matmul = matmul = lambda x, w, impl="auto", contract=1: mm(x, w) if contract == 1 else jnp.tensordot(x, w, contract)
   if new_gelu:
     jax.nn.gelu = gelu
   try:

@@ -37,7 +37,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 from jax.sharding import PartitionSpec as P
 
 from dcmodel.errors import UserError
-from dcmodel.mesh import logical_spec
+from dcmodel.mesh import logical_spec, spec_axes
 
 IMPLS = ("auto", "xla", "cudnn", "splash")
 AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}    # by jax backend; any other: xla
@@ -158,7 +158,7 @@ def splash(q, k, v, *, causal: bool, segment_ids=None, interpret: bool = False):
   if mesh is None or mesh.empty:
     return local(q, k, v, segment_ids)
   batch, heads = logical_spec(("batch", "act_heads"))
-  if k.shape[2] % math.prod(mesh.shape[a] for a in _names(heads)):
+  if k.shape[2] % math.prod(mesh.shape[a] for a in spec_axes(heads)):
     # kv heads that do not split over the head shards (e.g. one, multi-query): give each query
     # head its own copy, so each device holds the keys and values of its query heads.
     group = q.shape[2] // k.shape[2]
@@ -169,10 +169,6 @@ def splash(q, k, v, *, causal: bool, segment_ids=None, interpret: bool = False):
   seg = None if segment_ids is None else P(batch, None)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg), out_specs=spec,
                        check_vma=False)(q, k, v, segment_ids)
-
-
-def _names(axes) -> tuple:
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def _splash_local(q, k, v, segment_ids, *, causal: bool, interpret: bool):

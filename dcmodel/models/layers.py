@@ -1,12 +1,18 @@
 """Small shared pieces: initializers that carry logical-axis annotations, compute dtypes, and
-the formulations XLA:CPU runs fastest (matmul, argmax, convolution as one matmul)."""
+the formulations the CPU runs fastest (matmul, argmax, convolution as one matmul)."""
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from dcmodel.data.types import Field
 from dcmodel.errors import UserError
+from dcmodel.mesh import logical_spec, spec_axes
+from dcmodel.models import host_gemm
 
 # Compute dtypes by config name. Parameters and optimizer state stay float32 whatever is chosen
 # (mixed precision); logits go back to float32 before the loss.
@@ -35,21 +41,66 @@ def zeros(axes: tuple):
   return nnx.with_partitioning(nnx.initializers.zeros_init(), axes)
 
 
-def matmul(x, w):
-  """`x @ w` for x (..., k), w (k, n): the transformer's dense layers and unembedding. On CPU its
-  backward pass computes the weight gradient dW = X^T dY as a plain row-major matmul.
+# How the transformer's dense layers multiply, by config name (model.matmul): "blas" is OpenBLAS
+# through an XLA custom call (host_gemm.py), which takes transposed operands without a copy; "xla"
+# is XLA's dot. "auto" takes blas for float32 on CPU wherever each device can multiply its own rows:
+# on one device, and on a mesh that splits only the batch (data, fsdp), where the product is
+# shard_mapped over the batch axes (XLA cannot partition a custom call: left to it, it gathers the
+# operands onto every device); XLA's dot elsewhere (a mesh that splits the model, bfloat16,
+# accelerators). "blas" takes it on any mesh, there gathering the operands.
+MATMULS = ("auto", "xla", "blas")
+PRODUCT = "matmul"   # the checkpoint name of a host BLAS product
 
-  Why: XLA writes dW as a dot contracting the token dimension, the leading one of both operands.
-  XLA:CPU hands a dot to YNNPACK (its fast matmul library) only when the lhs is contracted on its
-  last dimension, so every dW ran on Eigen, and layout assignment turned the GELU backward beside
-  it into a transposing copy. Here the smaller of X and dY is transposed explicitly, behind an
-  optimization barrier so transpose folding does not fold it back into the dot. The benchmark
-  GPT's train step (d512, 4 layers, T=128, batch 32) ran 1.18x faster on one CPU device,
-  measured interleaved in one process (benchmarks/experiments_gpt_speed/dc_patched.py). Other
-  platforms lower the plain product, whose dot emitters take any layout."""
-  if jax.default_backend() != "cpu":
-    return x @ w
+
+def matmul(x, w, impl: str = "auto", contract: int = 1):
+  """x (..., *c) contracted with w (*c, *out) over its `contract` dims c, as `jnp.tensordot(x, w,
+  contract)`: the transformer's dense layers, projections and unembedding (see MATMULS).
+
+  On CPU without blas, the backward pass of a 2-D w computes the weight gradient dW = X^T dY as a
+  plain row-major matmul. Why: XLA writes dW as a dot contracting the token dimension, the leading
+  one of both operands. XLA:CPU hands a dot to YNNPACK (its fast matmul library) only when the lhs
+  is contracted on its last dimension, so every dW ran on Eigen, and layout assignment turned the
+  GELU backward beside it into a transposing copy. Here the smaller of X and dY is transposed
+  explicitly, behind an optimization barrier so transpose folding does not fold it back into the
+  dot. The benchmark GPT's train step (d512, 4 layers, T=128, batch 32) ran 1.18x faster on one
+  CPU device, measured interleaved in one process (benchmarks/experiments_gpt_speed/dc_patched.py).
+  Other platforms lower the plain product, whose dot emitters take any layout."""
+  if takes_host_gemm(impl, jnp.result_type(x, w)):
+    y = _host_product(x, w, contract, anywhere=impl == "blas")
+    if y is not None:
+      return y
+  if jax.default_backend() != "cpu" or contract != 1 or w.ndim != 2:
+    return jnp.tensordot(x, w, contract)
   return _nn_matmul(x, w)
+
+
+def takes_host_gemm(impl: str, dtype) -> bool:
+  """Whether `matmul` multiplies operands of `dtype` by host BLAS for `impl` (on this process's
+  backend), on a mesh that lets it (see MATMULS)."""
+  if impl == "xla":
+    return False
+  if impl == "blas":
+    if jax.default_backend() != "cpu":
+      raise UserError(f"model.matmul=blas runs on the CPU only, and this run is on {jax.default_backend()} "
+                      f"(use model.matmul=auto or xla)")
+    return True
+  return jax.default_backend() == "cpu" and dtype == jnp.float32 and host_gemm.available()
+
+
+def _host_product(x, w, contract: int, anywhere: bool):
+  """host_gemm.matmul on each device's own rows of x, w whole; None where the mesh splits more
+  than the batch, unless `anywhere`."""
+  local = lambda x, w: checkpoint_name(host_gemm.matmul(x, w, contract), PRODUCT)   # named for remat "dots":
+  mesh = jax.sharding.get_abstract_mesh()                                           # a custom call is no dot
+  split = {} if mesh.empty else {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+                                 if kind != jax.sharding.AxisType.Manual and size > 1}
+  if not split:
+    return local(x, w)
+  batch = tuple(a for a in spec_axes(logical_spec(("batch",))[0]) if a in split)
+  if set(batch) != set(split) or x.shape[0] % math.prod(split.values()):
+    return local(x, w) if anywhere else None
+  # w enters whole on every device (FSDP's gather); its gradient is summed over the batch axes.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch), P()), out_specs=P(batch), axis_names=set(batch))(x, w)
 
 
 @jax.custom_vjp

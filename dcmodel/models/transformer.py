@@ -19,13 +19,16 @@ from dcmodel.data.types import BatchSpec, Field
 from dcmodel.errors import UserError
 from dcmodel.mesh import constrain
 from dcmodel.models.attention import IMPLS, attend, unfit
-from dcmodel.models.layers import DTYPES, compute_dtype, label_fields, matmul, param_init, zeros
+from dcmodel.models import host_gemm
+from dcmodel.models.layers import DTYPES, MATMULS, PRODUCT, compute_dtype, label_fields, matmul, param_init, takes_host_gemm, zeros
 from dcmodel.models.registry import ModelConfig, register
 
 MAX_LAYERS = 512        # built and traced in a Python loop: time grows with the count
 
+# "dots" keeps the dense products, on XLA's dots or on host BLAS (layers.matmul names those).
 REMAT = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
-         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+         "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                                                                 jax.checkpoint_policies.save_only_these_names(PRODUCT))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +51,9 @@ class TransformerConfig(ModelConfig):
   dtype: str = "float32"           # compute dtype; parameters and optimizer state stay float32
   remat: str = "none"              # none | block | dots
   attention: str = "auto"          # auto | xla | cudnn | splash: the kernel (models/attention.py)
+  matmul: str = "auto"             # auto | xla | blas: the dense layers' product (models/layers.py MATMULS)
   name: ClassVar[str]
-  COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ("remat", "attention")   # a checkpoint resumes under any of these
+  COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ("remat", "attention", "matmul")   # a checkpoint resumes under any of these
   # YNNPACK takes the dots only: its default also fuses reductions with their elementwise neighbours
   # (the norms' backward), whose broadcast operands XLA then materializes as (batch, length, width)
   # arrays. The benchmark GPT's step: 1.038x (paired median of 10 interleaved rounds, three runs
@@ -62,6 +66,14 @@ class TransformerConfig(ModelConfig):
   # 0.971x (gpt) with glibc's malloc, 0.877x (gpt) and 0.824x (llama) with huge pages
   # (DCMODEL_HOST_MALLOC=hugetlb), 5 paired rounds each; on one device with huge pages 1.118x, 1.131x.
   CPU_COMPILER_OPTIONS_SHARED_CORES: ClassVar[dict | None] = {}
+
+  def cpu_compiler_options(self, local_devices: int) -> dict:
+    # With the dense products on host BLAS, YNNPACK's dot fusion has only the attention's batched
+    # dots left, and they ran slower on it: the benchmark GPT's step 1.04x without the option
+    # (experiments_gpt_speed/dc_variants.py dcmodel against ynn_dot).
+    if local_devices == 1 and takes_host_gemm(self.matmul, DTYPES[self.dtype]):
+      return {}
+    return super().cpu_compiler_options(local_devices)
 
   @property
   def kv_heads(self) -> int:
@@ -84,13 +96,18 @@ class TransformerConfig(ModelConfig):
     if self.num_heads % self.kv_heads:
       raise UserError(f"model.num_kv_heads={self.kv_heads} does not divide model.num_heads={self.num_heads}")
     for field, allowed in (("mlp", ("gelu", "swiglu")), ("norm", ("layernorm", "rmsnorm")),
-                           ("positions", ("learned", "rope")), ("remat", tuple(REMAT)), ("attention", IMPLS)):
+                           ("positions", ("learned", "rope")), ("remat", tuple(REMAT)), ("attention", IMPLS),
+                           ("matmul", MATMULS)):
       if getattr(self, field) not in allowed:
         raise UserError(f"model.{field}='{getattr(self, field)}' is not one of {', '.join(allowed)}")
     compute_dtype(self.dtype)
     if self.attention != "auto" and (why := unfit(self.attention, backend=None, dtype=DTYPES[self.dtype], q_len=self.max_len,
                                                   kv_len=self.max_len, head_dim=self.head_dim, masked=False, cache=False)):
       raise UserError(f"model.attention={self.attention} cannot take this model: {why}")
+    if self.matmul == "blas":
+      if self.dtype != "float32":
+        raise UserError(f"model.matmul=blas multiplies float32 only, and model.dtype={self.dtype} (use model.matmul=auto)")
+      host_gemm.register()   # builds the kernel now, so a missing compiler is said before the run starts
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
     if self.positions == "rope" and self.head_dim % 2:
@@ -225,9 +242,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x, causal: bool, positions, dtype, cache: KVCache | None = None, segment_ids=None):
     cfg = self.cfg
-    q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dtype))
-    k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dtype))
-    v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(dtype))
+    q, k, v = (matmul(x, w[...].astype(dtype), cfg.matmul) for w in (self.wq, self.wk, self.wv))   # (b, l, heads, head_dim)
     if self.bq is not None:
       q, k, v = (t + b[...].astype(dtype) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
     if cfg.positions == "rope":
@@ -240,7 +255,7 @@ class Attention(nnx.Module):
       cache = cache.write(k, v)
       out = cache.attend(q)     # decoding: the cache's own layout and mask, plain XLA on every platform
     out = constrain(out, ("batch", "act_length", "act_heads", None))
-    y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
+    y = matmul(out, self.wo[...].astype(dtype), cfg.matmul, contract=2)
     y = y + self.bo[...].astype(dtype) if self.bo is not None else y
     return y if cache is None else (y, cache)
 
@@ -253,14 +268,15 @@ class MLP(nnx.Module):
     self.wo = nnx.Param(param_init(("mlp", "embed"))(rngs.params(), (f, d)))
     self.bi = nnx.Param(zeros(("mlp",))(rngs.params(), (f,))) if cfg.use_bias else None
     self.bo = nnx.Param(zeros(("embed",))(rngs.params(), (d,))) if cfg.use_bias else None
+    self.impl = cfg.matmul
 
   def __call__(self, x, dtype):
-    h = matmul(x, self.wi[...].astype(dtype))
+    h = matmul(x, self.wi[...].astype(dtype), self.impl)
     if self.bi is not None:
       h = h + self.bi[...].astype(dtype)
-    h = jax.nn.silu(matmul(x, self.wg[...].astype(dtype))) * h if self.wg is not None else jax.nn.gelu(h)
+    h = jax.nn.silu(matmul(x, self.wg[...].astype(dtype), self.impl)) * h if self.wg is not None else jax.nn.gelu(h)
     h = constrain(h, ("batch", "act_length", "act_mlp"))
-    y = matmul(h, self.wo[...].astype(dtype))
+    y = matmul(h, self.wo[...].astype(dtype), self.impl)
     return y + self.bo[...].astype(dtype) if self.bo is not None else y
 
 
@@ -359,7 +375,8 @@ class GPT(nnx.Module):
   def _logits(self, x):
     w = self.trunk.embed.embedding[...].T if self.unembed is None else self.unembed[...]
     dtype = DTYPES[self.trunk.cfg.dtype]
-    return constrain(matmul(x.astype(dtype), w.astype(dtype)).astype(jnp.float32), ("batch", "act_length", "act_vocab"))
+    return constrain(matmul(x.astype(dtype), w.astype(dtype), self.trunk.cfg.matmul).astype(jnp.float32),
+                     ("batch", "act_length", "act_vocab"))
 
 
 class BERT(nnx.Module):

@@ -162,10 +162,13 @@ class Accounting:
 
 def loss_fn_and_args(cfg: Config):
   """(loss(params, batch), abstract params, abstract batch, abstract optimizer state) of `cfg`'s
-  model on one global batch, laid out on one device (accounting is layout-free). Convolutions are
-  XLA's: the model's own FLOPs, not the padding zeros the matmul form also multiplies."""
-  if getattr(cfg.model, "conv", "xla") != "xla":
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conv="xla"))
+  model on one global batch, laid out on one device (accounting is layout-free). Convolutions and
+  dense products are XLA's: the model's own FLOPs, not the padding zeros the matmul form of a
+  convolution also multiplies, and dots the jaxpr walk and XLA's cost analysis can count (a host
+  BLAS product is a custom call, opaque to both)."""
+  xla_forms = {form: "xla" for form in ("conv", "matmul") if getattr(cfg.model, form, "xla") != "xla"}
+  if xla_forms:
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **xla_forms))
   one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1, stage=1))
   placed = state_lib.place(one, jax.devices()[:1])
   model, opt = nnx.merge(placed.graphdef, placed.target)

@@ -1,0 +1,101 @@
+"""models/host_gemm.py: the CPU matmul custom call into OpenBLAS against float64 NumPy, in values
+and gradients, for every transpose and for products split over the thread pool; where `auto`
+takes it; and the errors a user sees when it cannot be built or cannot run."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from conftest import experiment
+from dcmodel.errors import UserError
+from dcmodel.models import host_gemm
+from dcmodel.models.layers import matmul
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
+
+
+def rel_err(got, want) -> float:
+  return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
+
+
+# (m, k, n): one block; split by rows (m >= n, >= 128 rows); split by columns (n > m); odd sizes.
+@pytest.mark.parametrize("m,k,n", [(5, 3, 7), (300, 70, 200), (100, 33, 301)])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_equals_numpy_for_every_transpose(m, k, n, trans_a, trans_b):
+  rng = np.random.default_rng(m + k + n)
+  a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+  b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+  got = jax.jit(lambda a, b: host_gemm.gemm(a, b, trans_a, trans_b))(a, b)
+  want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
+  assert got.shape == (m, n) and rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("x_shape,w_shape,contract", [((3, 130, 70), (70, 33), 1),      # a dense layer
+                                                      ((2, 40, 64), (64, 4, 16), 1),     # a Q projection
+                                                      ((2, 40, 4, 16), (4, 16, 64), 2)])  # the output projection
+def test_blas_matmul_equals_tensordot_in_values_and_gradients(x_shape, w_shape, contract):
+  rng = np.random.default_rng(0)
+  x, w = (rng.standard_normal(s).astype(np.float32) for s in (x_shape, w_shape))
+  y, vjp = jax.vjp(lambda x, w: matmul(x, w, "blas", contract), x, w)
+  g = rng.standard_normal(y.shape).astype(np.float32)
+  dx, dw = vjp(g)
+  X, W, G = (a.astype(np.float64) for a in (x, w, g))
+  lead, out = x.ndim - contract, w.ndim - contract
+  want = (np.tensordot(X, W, contract),
+          np.tensordot(G, W, (list(range(lead, G.ndim)), list(range(contract, W.ndim)))),
+          np.tensordot(X, G, (list(range(lead)), list(range(lead)))))
+  assert out >= 1
+  for got, ref in zip((y, dx, dw), want):
+    assert got.shape == ref.shape and rel_err(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("shape,blas", [((8, 1), True), ((2, 4), True), ((4, 2), False)], ids=["data8", "data2_fsdp4", "data4_model2"])
+def test_auto_takes_blas_where_each_device_can_multiply_its_own_rows(shape, blas):
+  """Under automatic sharding XLA would gather a custom call's operands onto every device, so
+  `auto` shard_maps the product over the batch axes where the mesh splits nothing else, and leaves
+  it to XLA's dot where the mesh splits the model too; on one device it multiplies directly, and
+  bfloat16 stays on XLA's dot everywhere. Values and gradients equal XLA's either way."""
+  mesh = jax.make_mesh(shape, ("data", "fsdp" if blas else "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = (("batch", ("data", "fsdp")),)
+  rng = np.random.default_rng(0)
+  x, w = rng.standard_normal((16, 12, 24)).astype(np.float32), rng.standard_normal((24, 40)).astype(np.float32)
+  uses = lambda f, *a: "dcmodel_host_gemm" in jax.jit(f).lower(*a).as_text()
+  assert uses(lambda x, w: matmul(x, w), x, w)
+  assert not uses(lambda x, w: matmul(x, w), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  assert not uses(lambda x, w: matmul(x, w, "xla"), x, w)
+  loss = lambda impl: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(matmul(x, w, impl))), argnums=(0, 1)))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    xs = jax.device_put(x, jax.NamedSharding(mesh, P(("data", "fsdp") if blas else "data")))
+    assert uses(lambda x, w: matmul(x, w), xs, w) == blas
+    got, want = loss("auto")(xs, w), loss("xla")(xs, w)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_blas_refuses_bfloat16_and_unknown_names():
+  with pytest.raises(UserError, match="model.matmul=blas multiplies float32 only, and model.dtype=bfloat16"):
+    experiment("stdlib_gpt", "model.matmul=blas", "model.dtype=bfloat16").model.validate()
+  with pytest.raises(UserError, match="model.matmul='mkl' is not one of auto, xla, blas"):
+    experiment("stdlib_gpt", "model.matmul=mkl").model.validate()
+
+
+@pytest.mark.parametrize("cxx,message", [("/nonexistent/c++", "needs a C\\+\\+ compiler .* '/nonexistent/c\\+\\+' was not found"),
+                                         ("false", "building host_gemm.cc with 'false' failed")])
+def test_a_kernel_that_cannot_be_built_is_a_user_error(monkeypatch, tmp_path, cxx, message):
+  """The build's errors name the compiler and the way out, and leave no library in the cache."""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  monkeypatch.setenv("CXX", cxx)
+  with pytest.raises(UserError, match=message + ".*model.matmul=xla"):
+    host_gemm._build()
+  assert not list(tmp_path.rglob("*.so"))
+
+
+def test_the_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  first = host_gemm._build()
+  assert first.parent == tmp_path / "dcmodel" and first.stat().st_size > 0
+  stamp = first.stat().st_mtime_ns
+  assert host_gemm._build() == first and first.stat().st_mtime_ns == stamp
