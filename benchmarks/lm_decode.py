@@ -2,6 +2,8 @@
 (dcmodel.infer.generate.Generator, prefill then one token per step in a jitted lax.scan) against
 the same model in PyTorch (benchmarks/torch_gpt.py) decoding with a straightforward KV cache
 under torch.inference_mode, eager and torch.compile'd, both against the memory-bound prediction.
+dcmodel runs as it is configured (dense products on host BLAS on CPU) and as `dcmodel-xla`, with
+them on XLA's dots (model.matmul=xla).
 
 Model: the lm_peers gpt variant made deeper and longer (d_model 512, 8 layers, 8 heads, GELU
 2048, learned positions, tied, vocab 256, max_len 256): 25.4M parameters, freshly initialised
@@ -40,24 +42,25 @@ PROMPT, NEW = 32, 224
 BATCHES = (1, 8)
 # PyTorch with all cores as intra-op threads and with one: a decode step is many small ops,
 # where OpenMP's fork/join per op can cost more than the second core gives
-CONTENDERS = ["dcmodel", "torch-eager", "torch-eager-1thread", "torch-compile"]
+# dcmodel-xla: dcmodel with its dense products on XLA's dots (model.matmul=xla), not host BLAS
+CONTENDERS = ["dcmodel", "dcmodel-xla", "torch-eager", "torch-eager-1thread", "torch-compile"]
 
 
-def config():
+def config(sets=()):
   from benchmarks.lm_peers import config as lm_config
-  return lm_config("gpt", 1, 1, MODEL)
+  return lm_config("gpt", 1, 1, MODEL + list(sets))
 
 
 def prompts(batch: int) -> np.ndarray:
   return (np.arange(batch)[:, None] * 7 + np.arange(PROMPT)[None, :] * 13) % 256
 
 
-def run_dcmodel(repeats: int) -> dict:
+def run_dcmodel(repeats: int, sets=()) -> dict:
   import jax
   from dcmodel.infer.generate import Generator, Sampling
   from dcmodel.perf import accounting
   from dcmodel.train import state as state_lib
-  cfg = config()
+  cfg = config(sets)
   placed = state_lib.place(cfg, jax.devices()[:1])
   gen = Generator(placed, placed.init())
   out = {"params": accounting.transformer_params(cfg.model)}
@@ -119,8 +122,8 @@ def run_calibration() -> dict:
 def run_one(contender: str, repeats: int) -> dict:
   if contender == "calibrate":
     return run_calibration()
-  if contender == "dcmodel":
-    return run_dcmodel(repeats)
+  if contender.startswith("dcmodel"):
+    return run_dcmodel(repeats, ["model.matmul=xla"] if contender == "dcmodel-xla" else [])
   return run_torch(contender == "torch-compile", repeats, 1 if contender.endswith("1thread") else None)
 
 
@@ -218,7 +221,7 @@ def plot(result: dict, suffix: str) -> None:
   for ax, row in zip(axes[0], result["rows"]):
     names = [c for c, r in row["contenders"].items() if "decode_tokens_per_s" in r]
     rates = [row["contenders"][c]["decode_tokens_per_s"] for c in names]
-    ax.bar(range(len(names)), rates, color=["tab:blue" if c == "dcmodel" else "tab:orange" for c in names])
+    ax.bar(range(len(names)), rates, color=["tab:blue" if c.startswith("dcmodel") else "tab:orange" for c in names])
     ax.axhline(row["predicted"]["decode_tokens_per_s"], color="k", ls="--", lw=1, label="memory-bound prediction")
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")   # the long contender names overlap flat
     ax.set(ylabel="decode tokens/s", title=f"greedy decode, batch {row['batch']} (25M params)")

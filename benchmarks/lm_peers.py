@@ -17,7 +17,9 @@ Contenders, each in its own process (its own simulated devices and threads):
   parallel repeats the whole update on all 8, sharing 2 cores), checkpoints and
   evaluation off. Timed as benchmarks/peers.py does: from the first step after the warm-up's metrics
   read (a host sync) to the final metrics read, so compilation and warm-up are excluded and the
-  result is blocked on. A contender named after Layout.name() (dcmodel-fsdp4xmodel2) runs that mesh.
+  result is blocked on. A contender named after Layout.name() (dcmodel-fsdp4xmodel2) runs that mesh,
+  and config overrides after '+' apply to it (dcmodel-fsdp8+model.matmul=xla: the dense products on
+  XLA's dots instead of host BLAS).
 - xla-1 / xla-fsdp8: the bare jitted step: dcmodel's own `make_train_step` called on batches already
   on the devices (no input pipeline, no metrics, no loop), so the loop's cost is visible.
 - torch-eager, torch-compile (mode "default" and "max-autotune-no-cudagraphs"): the PyTorch GPT,
@@ -103,20 +105,26 @@ def _digest(a) -> str:
 # ---------------------------------------------------------------- dcmodel's train loop
 def mesh_of(contender: str) -> Layout:
   """The mesh a dcmodel-/xla- contender runs on, from its name: 'dcmodel-8' is 8 devices data
-  parallel, 'dcmodel-fsdp4xmodel2' that mesh as Layout.name() spells it."""
-  framework, _, spec = contender.partition("-")
+  parallel, 'dcmodel-fsdp4xmodel2' that mesh as Layout.name() spells it. Config overrides may
+  follow, each after a '+' (`sets_of`)."""
+  framework, _, spec = contender.split("+")[0].partition("-")
   if framework not in ("dcmodel", "xla") or not re.fullmatch(r"\d+|(?:data|fsdp|model)\d+(?:x(?:data|fsdp|model)\d+)*", spec):
     raise ValueError(f"unknown contender {contender!r}: expected one of {', '.join(CONTENDERS)}, or dcmodel-/xla- with a "
                      "mesh as Layout.name() spells it (dcmodel-fsdp4xmodel2)")
   return Layout(data=int(spec)) if spec.isdigit() else Layout(**{a: int(n) for a, n in re.findall(r"(data|fsdp|model)(\d+)", spec)})
 
 
-def run_dcmodel(variant: str, mesh: Layout, data: Path, steps: int) -> dict:
+def sets_of(contender: str) -> list[str]:
+  """The config overrides a dcmodel-/xla- contender names: 'dcmodel-1+model.matmul=xla'."""
+  return contender.split("+")[1:]
+
+
+def run_dcmodel(variant: str, mesh: Layout, data: Path, steps: int, sets=()) -> dict:
   import jax
   from dcmodel.perf import accounting
   from dcmodel.train.loop import train
   from dcmodel.train.metrics import read
-  cfg = config(variant, mesh, steps)
+  cfg = config(variant, mesh, steps, sets)
   stamps, first = {}, {}
 
   def hook(step, batch):   # the wall clock at each step's dispatch, and the first batch, for the same-data check
@@ -136,13 +144,13 @@ def run_dcmodel(variant: str, mesh: Layout, data: Path, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------- the bare jitted step
-def run_xla(variant: str, mesh: Layout, data: Path, steps: int) -> dict:
+def run_xla(variant: str, mesh: Layout, data: Path, steps: int, sets=()) -> dict:
   """dcmodel's own make_train_step, called on device-resident batches: no pipeline, no loop."""
   import jax
   from dcmodel.train import state as state_lib
   from dcmodel.train import tasks
   from dcmodel.train.step import make_train_step
-  cfg = config(variant, mesh, steps)
+  cfg = config(variant, mesh, steps, sets)
   placed = state_lib.place(cfg, jax.devices()[:mesh.devices])
   a = np.load(data)
   with placed.context():
@@ -213,9 +221,9 @@ def run_torch(variant: str, mode: str | None, data: Path, steps: int) -> dict:
 
 def run_one(contender: str, variant: str, data: Path, steps: int) -> dict:
   if contender.startswith("dcmodel"):
-    return run_dcmodel(variant, mesh_of(contender), data, steps)
+    return run_dcmodel(variant, mesh_of(contender), data, steps, sets_of(contender))
   if contender.startswith("xla"):
-    return run_xla(variant, mesh_of(contender), data, steps)
+    return run_xla(variant, mesh_of(contender), data, steps, sets_of(contender))
   if contender == "calibrate":
     from dcmodel.perf import calibrate
     return {"peak_flops": calibrate.matmul_peak()}

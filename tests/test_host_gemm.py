@@ -2,6 +2,8 @@
 and gradients, for every transpose and for products split over the thread pool; where `auto`
 takes it; and the errors a user sees when it cannot be built or cannot run."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,13 +54,14 @@ def test_blas_matmul_equals_tensordot_in_values_and_gradients(x_shape, w_shape, 
     assert got.shape == ref.shape and rel_err(got, ref) < 1e-6
 
 
-@pytest.mark.parametrize("shape,blas", [((8, 1), True), ((2, 4), True), ((4, 2), False)], ids=["data8", "data2_fsdp4", "data4_model2"])
-def test_auto_takes_blas_where_each_device_can_multiply_its_own_rows(shape, blas):
-  """Under automatic sharding XLA would gather a custom call's operands onto every device, so
-  `auto` shard_maps the product over the batch axes where the mesh splits nothing else, and leaves
-  it to XLA's dot where the mesh splits the model too; on one device it multiplies directly, and
-  bfloat16 stays on XLA's dot everywhere. Values and gradients equal XLA's either way."""
-  mesh = jax.make_mesh(shape, ("data", "fsdp" if blas else "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+@pytest.mark.parametrize("shape,batch_only", [((8, 1), True), ((2, 4), True), ((4, 2), False)],
+                         ids=["data8", "data2_fsdp4", "data4_model2"])
+def test_where_auto_and_blas_take_the_kernel(shape, batch_only):
+  """`auto` takes the kernel where the product is one device's: alone, or inside a shard_map; on a
+  split mesh it leaves the product to XLA's dot, and bfloat16 everywhere. `blas` takes it on a
+  split mesh too: shard_mapped over the batch axes where the mesh splits only the batch, its
+  operands gathered where it splits the model. Values and gradients equal XLA's either way."""
+  mesh = jax.make_mesh(shape, ("data", "fsdp" if batch_only else "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   rules = (("batch", ("data", "fsdp")),)
   rng = np.random.default_rng(0)
   x, w = rng.standard_normal((16, 12, 24)).astype(np.float32), rng.standard_normal((24, 40)).astype(np.float32)
@@ -68,9 +71,15 @@ def test_auto_takes_blas_where_each_device_can_multiply_its_own_rows(shape, blas
   assert not uses(lambda x, w: matmul(x, w, "xla"), x, w)
   loss = lambda impl: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(matmul(x, w, impl))), argnums=(0, 1)))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    xs = jax.device_put(x, jax.NamedSharding(mesh, P(("data", "fsdp") if blas else "data")))
-    assert uses(lambda x, w: matmul(x, w), xs, w) == blas
-    got, want = loss("auto")(xs, w), loss("xla")(xs, w)
+    xs = jax.device_put(x, jax.NamedSharding(mesh, P(("data", "fsdp") if batch_only else "data")))
+    assert not uses(lambda x, w: matmul(x, w), xs, w)
+    assert uses(lambda x, w: matmul(x, w, "blas"), xs, w)
+    local = jax.shard_map(lambda x, w: matmul(x, w), in_specs=(P(mesh.axis_names[0]), P()), out_specs=P(mesh.axis_names[0]))
+    assert uses(local, xs, w)
+    hlo = jax.jit(lambda x, w: matmul(x, w, "blas")).lower(xs, w).compile().as_text()
+    assert bool(re.search(r"= f32\[192,24\]\S* all-gather", hlo)) == (not batch_only)   # x (as 192 x 24 rows) gathered whole
+    got, want = loss("blas")(xs, w), loss("xla")(xs, w)
+    np.testing.assert_allclose(jax.jit(local)(xs, w), x @ w, rtol=1e-5, atol=1e-5 * float(np.abs(x @ w).max()))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
 

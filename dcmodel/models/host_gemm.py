@@ -61,7 +61,11 @@ def _build() -> Path:
   # Built beside its final name and renamed into place: processes building at once never load half a file.
   with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
     out = Path(tmp) / path.name
-    done = subprocess.run(_compile_command(out), capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    try:
+      done = subprocess.run(_compile_command(out), capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      raise UserError(f"model.matmul=blas: building {SOURCE.name} with '{compiler}' took over {COMPILE_TIMEOUT_S} s "
+                      f"(or use model.matmul=xla)") from None
     if done.returncode:
       last = (done.stderr.strip().splitlines() or ["no output"])[-1]
       raise UserError(f"model.matmul=blas: building {SOURCE.name} with '{compiler}' failed: {last} "
@@ -90,6 +94,8 @@ def available() -> bool:
 
 def gemm(a, b, trans_a: bool = False, trans_b: bool = False):
   """op(a) @ op(b) for 2-D float32 a, b, where op transposes when asked: no copy either way."""
+  if a.dtype != jnp.float32 or b.dtype != jnp.float32 or a.ndim != 2 or b.ndim != 2:
+    raise ValueError(f"host_gemm multiplies 2-D float32 arrays, got {a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
   register()
   m = a.shape[1] if trans_a else a.shape[0]
   n = b.shape[0] if trans_b else b.shape[1]

@@ -43,11 +43,13 @@ def zeros(axes: tuple):
 
 # How the transformer's dense layers multiply, by config name (model.matmul): "blas" is OpenBLAS
 # through an XLA custom call (host_gemm.py), which takes transposed operands without a copy; "xla"
-# is XLA's dot. "auto" takes blas for float32 on CPU wherever each device can multiply its own rows:
-# on one device, and on a mesh that splits only the batch (data, fsdp), where the product is
-# shard_mapped over the batch axes (XLA cannot partition a custom call: left to it, it gathers the
-# operands onto every device); XLA's dot elsewhere (a mesh that splits the model, bfloat16,
-# accelerators). "blas" takes it on any mesh, there gathering the operands.
+# is XLA's dot. "auto" takes blas for float32 on CPU where the product is one device's alone (one
+# device, or a shard_map's per-device body), and XLA's dot elsewhere: on a split mesh, bfloat16,
+# accelerators. "blas" also takes it on a split mesh: shard_mapped over the batch axes where the
+# mesh splits only the batch (XLA cannot partition a custom call: left to it, it gathers the
+# operands onto every device), gathered where it splits the model too. On 8 simulated devices the
+# shard_mapped product ran the benchmark GPT's loop at 0.93x (data parallel) and 0.95x (FSDP)
+# XLA's dots (lm_peers, 3 rounds), so auto does not take it there.
 MATMULS = ("auto", "xla", "blas")
 PRODUCT = "matmul"   # the checkpoint name of a host BLAS product
 
@@ -66,7 +68,7 @@ def matmul(x, w, impl: str = "auto", contract: int = 1):
   CPU device, measured interleaved in one process (benchmarks/experiments_gpt_speed/dc_patched.py).
   Other platforms lower the plain product, whose dot emitters take any layout."""
   if takes_host_gemm(impl, jnp.result_type(x, w)):
-    y = _host_product(x, w, contract, anywhere=impl == "blas")
+    y = _host_product(x, w, contract, split_mesh=impl == "blas")
     if y is not None:
       return y
   if jax.default_backend() != "cpu" or contract != 1 or w.ndim != 2:
@@ -87,18 +89,20 @@ def takes_host_gemm(impl: str, dtype) -> bool:
   return jax.default_backend() == "cpu" and dtype == jnp.float32 and host_gemm.available()
 
 
-def _host_product(x, w, contract: int, anywhere: bool):
-  """host_gemm.matmul on each device's own rows of x, w whole; None where the mesh splits more
-  than the batch, unless `anywhere`."""
+def _host_product(x, w, contract: int, split_mesh: bool):
+  """host_gemm.matmul where the product is one device's; on a split mesh only if `split_mesh`
+  (else None): on each device's own rows where the mesh splits only the batch, else gathered."""
   local = lambda x, w: checkpoint_name(host_gemm.matmul(x, w, contract), PRODUCT)   # named for remat "dots":
   mesh = jax.sharding.get_abstract_mesh()                                           # a custom call is no dot
   split = {} if mesh.empty else {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
                                  if kind != jax.sharding.AxisType.Manual and size > 1}
   if not split:
     return local(x, w)
+  if not split_mesh:
+    return None
   batch = tuple(a for a in spec_axes(logical_spec(("batch",))[0]) if a in split)
   if set(batch) != set(split) or x.shape[0] % math.prod(split.values()):
-    return local(x, w) if anywhere else None
+    return local(x, w)
   # w enters whole on every device (FSDP's gather); its gradient is summed over the batch axes.
   return jax.shard_map(local, mesh=mesh, in_specs=(P(batch), P()), out_specs=P(batch), axis_names=set(batch))(x, w)
 
