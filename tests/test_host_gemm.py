@@ -58,15 +58,17 @@ def test_blas_matmul_equals_tensordot_in_values_and_gradients(x_shape, w_shape, 
                          ids=["data8", "data2_fsdp4", "data4_model2"])
 def test_where_auto_and_blas_take_the_kernel(shape, batch_only):
   """`auto` takes the kernel where the product is one device's: alone, or inside a shard_map; on a
-  split mesh it leaves the product to XLA's dot, and bfloat16 everywhere. `blas` takes it on a
+  split mesh it leaves the product to XLA's dot, and products of few rows and bfloat16 everywhere. `blas` takes it on a
   split mesh too: shard_mapped over the batch axes where the mesh splits only the batch, its
   operands gathered where it splits the model. Values and gradients equal XLA's either way."""
   mesh = jax.make_mesh(shape, ("data", "fsdp" if batch_only else "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   rules = (("batch", ("data", "fsdp")),)
   rng = np.random.default_rng(0)
-  x, w = rng.standard_normal((16, 12, 24)).astype(np.float32), rng.standard_normal((24, 40)).astype(np.float32)
+  x, w = rng.standard_normal((64, 12, 24)).astype(np.float32), rng.standard_normal((24, 40)).astype(np.float32)
   uses = lambda f, *a: "dcmodel_host_gemm" in jax.jit(f).lower(*a).as_text()
   assert uses(lambda x, w: matmul(x, w), x, w)
+  assert not uses(lambda x, w: matmul(x, w), x[:5], w)                # 60 rows: few, XLA's dot
+  assert uses(lambda x, w: matmul(x, w, "blas"), x[:5], w)
   assert not uses(lambda x, w: matmul(x, w), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
   assert not uses(lambda x, w: matmul(x, w, "xla"), x, w)
   loss = lambda impl: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(matmul(x, w, impl))), argnums=(0, 1)))
@@ -77,7 +79,7 @@ def test_where_auto_and_blas_take_the_kernel(shape, batch_only):
     local = jax.shard_map(lambda x, w: matmul(x, w), in_specs=(P(mesh.axis_names[0]), P()), out_specs=P(mesh.axis_names[0]))
     assert uses(local, xs, w)
     hlo = jax.jit(lambda x, w: matmul(x, w, "blas")).lower(xs, w).compile().as_text()
-    assert bool(re.search(r"= f32\[192,24\]\S* all-gather", hlo)) == (not batch_only)   # x (as 192 x 24 rows) gathered whole
+    assert bool(re.search(r"= f32\[768,24\]\S* all-gather", hlo)) == (not batch_only)   # x (as 768 x 24 rows) gathered whole
     got, want = loss("blas")(xs, w), loss("xla")(xs, w)
     np.testing.assert_allclose(jax.jit(local)(xs, w), x @ w, rtol=1e-5, atol=1e-5 * float(np.abs(x @ w).max()))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

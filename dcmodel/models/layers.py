@@ -43,14 +43,17 @@ def zeros(axes: tuple):
 
 # How the transformer's dense layers multiply, by config name (model.matmul): "blas" is OpenBLAS
 # through an XLA custom call (host_gemm.py), which takes transposed operands without a copy; "xla"
-# is XLA's dot. "auto" takes blas for float32 on CPU where the product is one device's alone (one
-# device, or a shard_map's per-device body), and XLA's dot elsewhere: on a split mesh, bfloat16,
-# accelerators. "blas" also takes it on a split mesh: shard_mapped over the batch axes where the
+# is XLA's dot. "auto" takes blas for float32 products of at least FEW_ROWS rows on CPU where the
+# product is one device's alone (one device, or a shard_map's per-device body), and XLA's dot
+# elsewhere: on a split mesh, few rows, bfloat16, accelerators. "blas" also takes it on a split mesh: shard_mapped over the batch axes where the
 # mesh splits only the batch (XLA cannot partition a custom call: left to it, it gathers the
 # operands onto every device), gathered where it splits the model too. On 8 simulated devices the
 # shard_mapped product ran the benchmark GPT's loop at 0.93x (data parallel) and 0.95x (FSDP)
-# XLA's dots (lm_peers, 3 rounds), so auto does not take it there.
+# XLA's dots (lm_peers, 3 rounds), so auto does not take it there. Nor for products of fewer than
+# FEW_ROWS rows (decoding's): XLA's few-row dots read the weights faster, and greedy decoding of
+# the 25M GPT on host BLAS ran 0.91x (batch 1) and 0.86x (batch 8) of it (lm_decode, 2 rounds).
 MATMULS = ("auto", "xla", "blas")
+FEW_ROWS = 64
 PRODUCT = "matmul"   # the checkpoint name of a host BLAS product
 
 
@@ -67,7 +70,8 @@ def matmul(x, w, impl: str = "auto", contract: int = 1):
   dot. The benchmark GPT's train step (d512, 4 layers, T=128, batch 32) ran 1.18x faster on one
   CPU device, measured interleaved in one process (benchmarks/experiments_gpt_speed/dc_patched.py).
   Other platforms lower the plain product, whose dot emitters take any layout."""
-  if takes_host_gemm(impl, jnp.result_type(x, w)):
+  rows = math.prod(x.shape[:x.ndim - contract])
+  if takes_host_gemm(impl, jnp.result_type(x, w)) and (impl == "blas" or rows >= FEW_ROWS):
     y = _host_product(x, w, contract, split_mesh=impl == "blas")
     if y is not None:
       return y
