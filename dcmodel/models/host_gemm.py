@@ -39,9 +39,13 @@ def cache_dir() -> Path:
   return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcmodel"
 
 
+def _compiler() -> str:
+  return os.environ.get("CXX", "c++")
+
+
 def _compile_command(out: Path) -> list[str]:
   lib_dir = scipy_openblas32.get_lib_dir()
-  return [os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+  return [_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
           f"-I{jax.ffi.include_dir()}", f"-I{scipy_openblas32.get_include_dir()}", str(SOURCE), "-o", str(out),
           f"-L{lib_dir}", f"-l{scipy_openblas32.get_library()}", f"-Wl,-rpath,{lib_dir}"]
 
@@ -49,11 +53,11 @@ def _compile_command(out: Path) -> list[str]:
 def _build() -> Path:
   """The compiled library, built once per source, jaxlib, OpenBLAS and compiler."""
   key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.ffi.include_dir(), importlib.metadata.version("jaxlib"),
-                                  scipy_openblas32.get_lib_dir(), os.environ.get("CXX", "c++")]).encode()).hexdigest()[:16]
+                                  scipy_openblas32.get_lib_dir(), _compiler()]).encode()).hexdigest()[:16]
   path = cache_dir() / f"host_gemm-{key}.so"
   if path.exists():
     return path
-  compiler = _compile_command(path)[0]
+  compiler = _compiler()
   if shutil.which(compiler) is None:
     raise UserError(f"model.matmul=blas needs a C++ compiler to build {SOURCE.name}, and '{compiler}' was not found "
                     f"(install g++ or clang++, or set CXX; or use model.matmul=xla)")
