@@ -1,6 +1,7 @@
-"""model.attention: the choice of kernel by platform, the TPU splash kernel's numerics in Pallas
-interpret mode against XLA (forward and gradients), sharded under a mesh, and the cuDNN path
-lowered for a CUDA target from this CPU-only host."""
+"""model.attention: the choice of kernel by platform; the fused CPU kernel's and the TPU splash
+kernel's (in Pallas interpret mode) numerics against XLA, forward and gradients, alone, sharded
+under a mesh and in the model; and the cuDNN path lowered for a CUDA target from this CPU-only
+host."""
 
 import itertools
 
@@ -70,7 +71,11 @@ def pick(impl, backend, dtype=jnp.bfloat16, q_len=256, kv_len=None, head_dim=64,
 
 
 @pytest.mark.parametrize("args, want", [
-    (("auto", "cpu"), "xla"),
+    (("auto", "cpu"), "xla"),                                           # bfloat16: no CPU kernel
+    (("auto", "cpu", jnp.float32), "cpu"),
+    (("auto", "cpu", jnp.float32, 200, None, 24, False), "cpu"),        # any length, any head_dim
+    (("auto", "cpu", jnp.float32, 1, 384, 64, True, True), "xla"),      # decoding against the cache
+    (("cpu", "cpu", jnp.float32, 1, 384, 64, True, True), "xla"),       # even when asked for
     (("auto", "gpu"), "cudnn"),
     (("auto", "cuda"), "cudnn"),
     (("auto", "tpu"), "splash"),
@@ -97,7 +102,10 @@ def test_choice(args, want):
     (("cudnn", "cpu"), "cuDNN runs on an NVIDIA GPU, not cpu"),
     (("cudnn", "gpu", jnp.float32), "no float32 kernel; set model.dtype=bfloat16"),
     (("cudnn", "gpu", jnp.bfloat16, 256, None, 12), "head dimension 12 is not a multiple of 8"),
-    (("flash", "tpu"), "model.attention='flash' is not one of auto, xla, cudnn, splash"),
+    (("cpu", "cpu", jnp.bfloat16), "fused CPU attention computes float32 only, not bfloat16"),
+    (("cpu", "tpu", jnp.float32), "dcmodel's fused attention runs on the CPU, not tpu"),
+    (("cpu", "cpu", jnp.float32, 128, 256, 64, False), "self-attention, not 128 queries against 256 keys"),
+    (("flash", "tpu"), "model.attention='flash' is not one of auto, xla, cpu, cudnn, splash"),
 ])
 def test_explicit_kernel_that_cannot_run_says_why(args, says):
   with pytest.raises(UserError, match=says):
@@ -107,7 +115,8 @@ def test_explicit_kernel_that_cannot_run_says_why(args, says):
 def test_config_field(exp):
   from dcmodel.config import same_model, to_dict
   assert exp("stdlib_gpt").model.attention == "auto"
-  for override, says in (("model.attention=flash", "model.attention='flash' is not one of auto, xla, cudnn, splash"),
+  for override, says in (("model.attention=flash", "model.attention='flash' is not one of auto, xla, cpu, cudnn, splash"),
+                         ("model.dtype=bfloat16 model.attention=cpu", "cannot take this model: .* float32 only, not bfloat16"),
                          ("model.attention=cudnn", "cannot take this model: cuDNN's fused attention has no float32"),
                          ("model.max_len=200 model.attention=splash", "200 is not a multiple of the kernel's 128")):
     with pytest.raises(UserError, match=says):
@@ -118,14 +127,16 @@ def test_config_field(exp):
   assert same_model(exp("stdlib_gpt", "model.dtype=bfloat16", "model.attention=cudnn"), {**saved, "dtype": "bfloat16"})
 
 
-# --- splash numerics (Pallas interpret mode on CPU) against XLA -------------------------------
+# --- the kernels' numerics against XLA: splash in Pallas interpret mode, the CPU kernel natively --
 
-LENGTH = 384    # three 128-token blocks: the kernel's causal block skipping and accumulation across blocks
+LENGTH = 384    # three 128-token blocks: the kernels' causal block skipping and accumulation across blocks
+KERNELS = ["splash", pytest.param("cpu", marks=pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel"))]
 
 
+@pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("causal, segments", [(True, False), (True, True), (False, True)],
                          ids=["causal", "causal+segments", "segments"])
-def test_splash_equals_xla_forward_and_gradients(causal, segments):
+def test_kernel_equals_xla_forward_and_gradients(impl, causal, segments):
   q, k, v = inputs(LENGTH)
   seg = packed(LENGTH) if segments else None
   probe = jax.random.normal(jax.random.key(1), (B, LENGTH, H, D))   # a loss that weighs every output
@@ -134,20 +145,53 @@ def test_splash_equals_xla_forward_and_gradients(causal, segments):
     out, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, causal=causal, segment_ids=seg, impl=impl), q, k, v)
     return out, pullback(probe)
 
-  (out, grads), (want, want_grads) = (jax.jit(run, static_argnums=3)(q, k, v, impl) for impl in ("splash", "xla"))
+  (out, grads), (want, want_grads) = (jax.jit(run, static_argnums=3)(q, k, v, i) for i in (impl, "xla"))
   close(out, want, "forward")
   for name, got, ref in zip("qkv", grads, want_grads):
     close(got, ref, f"d{name}")
   # The kernel is as accurate as XLA: both float32 results against float64.
   truth = exact(q, k, v, causal, seg)
   assert diff(out, truth)[0] < 2 * diff(want, truth)[0]
-  print(f"\n{'causal' if causal else 'full'}{'+segments' if segments else ''} (max abs, / max |xla|): "
+  print(f"\n{impl} {'causal' if causal else 'full'}{'+segments' if segments else ''} (max abs, / max |xla|): "
         f"forward {diff(out, want)}; " + "; ".join(f"d{n} {diff(g, r)}" for n, g, r in zip("qkv", grads, want_grads))
-        + f"; forward vs float64: splash {diff(out, truth)}, xla {diff(want, truth)}")
+        + f"; forward vs float64: {impl} {diff(out, truth)}, xla {diff(want, truth)}")
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
+@pytest.mark.parametrize("length, heads, kv_heads, head_dim, causal, scale", [
+    (5, 4, 2, 32, True, 1.0),       # shorter than one 32-row block
+    (70, 4, 1, 8, True, 1.0),       # a partial last block; multi-query
+    (70, 3, 3, 16, False, 1.0),     # full attention, one kv head per query head
+    (64, 2, 2, 64, True, 5.0),      # logits of std 25: the softmax's max shift keeps it finite
+])
+def test_cpu_kernel_at_the_edges_equals_float64(length, heads, kv_heads, head_dim, causal, scale):
+  """The fused CPU kernel against float64 (XLA's attention computed in float64), forward and
+  gradients, with packed rows, on shapes that fall off its blocks: as close as XLA's float32
+  attention is, or closer. (At logits of std 25 both are ~1e-5 off in dq, the kernel about half
+  as far as XLA.)"""
+  rng = np.random.default_rng(length + heads)
+  q = scale * rng.standard_normal((B, length, heads, head_dim))
+  k, v = (scale * rng.standard_normal((B, length, kv_heads, head_dim)) for _ in "kv")
+  seg = np.sort(rng.integers(0, 3, (B, length)), axis=1).astype(np.int32)
+
+  def run(impl, dtype):
+    f = lambda q, k, v: attend(q, k, v, causal=causal, segment_ids=seg, impl=impl)
+    out, pullback = jax.vjp(f, *(jnp.asarray(x, dtype) for x in (q, k, v)))
+    return jax.device_get((out, *pullback(jnp.cos(out))))   # the gradient of sum(sin(attention))
+
+  with jax.enable_x64(True):
+    truth = run("xla", jnp.float64)
+  got, xla = run("cpu", jnp.float32), run("xla", jnp.float32)
+  assert np.all(np.isfinite(got[0]))
+  for name, g, x, t in zip(["forward", "dq", "dk", "dv"], got, xla, truth):
+    if scale == 1.0:   # at std-25 logits XLA's float32 falls outside this tolerance too
+      close(g, t, name)
+    assert diff(g, t)[1] <= max(2 * diff(x, t)[1], 1e-6), name
+
+
+@pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("kv_heads", [2, 1])
-def test_splash_sharded_over_batch_and_heads(kv_heads):
+def test_kernel_sharded_over_batch_and_heads(kv_heads, impl):
   """Under an 8-device mesh (batch over data=4, heads over model=2), shard_mapped, equal to XLA,
   with the kv heads' own rule unsplit: 2 kv heads are split as the query heads are; 1 kv head
   (multi-query) does not split in 2, so each device gets it for each of its query heads."""
@@ -160,19 +204,20 @@ def test_splash_sharded_over_batch_and_heads(kv_heads):
     q, k, v = (jax.device_put(x, NamedSharding(mesh, P("data", None, "model" if x is q else None))) for x in (q, k, v))
     f = lambda impl: jax.jit(jax.value_and_grad(
         lambda q, k, v: (attend(q, k, v, causal=True, segment_ids=seg, impl=impl) ** 2).sum(), argnums=(0, 1, 2)))
-    (loss, grads), (want_loss, want_grads) = f("splash")(q, k, v), f("xla")(q, k, v)
-    text = jax.jit(lambda q, k, v: attend(q, k, v, causal=True, segment_ids=seg, impl="splash")).lower(q, k, v).as_text()
+    (loss, grads), (want_loss, want_grads) = f(impl)(q, k, v), f("xla")(q, k, v)
+    text = jax.jit(lambda q, k, v: attend(q, k, v, causal=True, segment_ids=seg, impl=impl)).lower(q, k, v).as_text()
   assert "shard_map" in text or "sdy.manual_computation" in text
   close(loss, want_loss, "loss")
   for name, got, ref in zip("qkv", grads, want_grads):
     close(got, ref, f"d{name}")
-  print(f"\nsharded, {kv_heads} kv heads (max abs, / max |xla|): loss {diff(loss, want_loss)}; "
+  print(f"\n{impl} sharded, {kv_heads} kv heads (max abs, / max |xla|): loss {diff(loss, want_loss)}; "
         + "; ".join(f"d{n} {diff(g, r)}" for n, g, r in zip("qkv", grads, want_grads)))
 
 
-def test_gpt_with_splash_on_a_mesh_equals_xla(exp):
+@pytest.mark.parametrize("impl", KERNELS)
+def test_gpt_with_kernel_on_a_mesh_equals_xla(exp, impl):
   """The model's own call site: GPT (grouped-query, packed rows) on data=4 x model=2, logits and
-  parameter gradients under model.attention=splash equal to xla."""
+  parameter gradients under model.attention=splash (cpu) equal to xla."""
   from dcmodel.train.state import place
   base = ["model.d_model=64", "model.num_layers=1", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
           "mesh.data=4", "mesh.model=2", "data.global_batch_size=8"]
@@ -180,8 +225,8 @@ def test_gpt_with_splash_on_a_mesh_equals_xla(exp):
   x = jnp.asarray(rng.integers(0, 256, (8, 128)), jnp.int32)
   seg = jnp.asarray(np.sort(rng.integers(1, 4, (8, 128)), axis=1), jnp.int32)
   results = {}
-  for impl in ("splash", "xla"):
-    placed = place(exp("stdlib_gpt", *base, f"model.attention={impl}"))
+  for name in (impl, "xla"):
+    placed = place(exp("stdlib_gpt", *base, f"model.attention={name}"))
     model = placed.model(placed.init())
     with placed.context():
       def loss(m):
@@ -189,13 +234,13 @@ def test_gpt_with_splash_on_a_mesh_equals_xla(exp):
         return (logits ** 2).mean(), logits
       (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
       jaxpr = str(jax.make_jaxpr(lambda m: m(x, segment_ids=seg))(model))
-    assert ("pallas_call" in jaxpr) == (impl == "splash")
-    results[impl] = logits, jax.tree.leaves(grads)
-  (logits, grads), (want, want_grads) = results["splash"], results["xla"]
+    assert ("pallas_call" in jaxpr) == (name == "splash") and ("dcmodel_host_attention" in jaxpr) == (name == "cpu")
+    results[name] = logits, jax.tree.leaves(grads)
+  (logits, grads), (want, want_grads) = results[impl], results["xla"]
   close(logits, want, "logits")
   for got, ref in zip(grads, want_grads):
     close(got, ref, "parameter gradient")
-  print(f"\nGPT (max abs, / max |xla|): logits {diff(logits, want)}; worst parameter gradient "
+  print(f"\nGPT {impl} (max abs, / max |xla|): logits {diff(logits, want)}; worst parameter gradient "
         f"{max((diff(g, r) for g, r in zip(grads, want_grads)), key=lambda d: d[1])}")
 
 

@@ -1,6 +1,7 @@
 """models/host_gemm.py: the CPU matmul custom call into OpenBLAS against float64 NumPy, in values
 and gradients, for every transpose and for products split over the thread pool; where `auto`
-takes it; and the errors a user sees when it cannot be built or cannot run."""
+takes it; and the errors a user sees when the CPU kernels (host_kernels.py) cannot be built or
+cannot run."""
 
 import re
 
@@ -13,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import experiment
 from dcmodel.errors import UserError
-from dcmodel.models import host_gemm
+from dcmodel.models import host_gemm, host_kernels
 from dcmodel.models.layers import matmul
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
@@ -93,20 +94,20 @@ def test_blas_refuses_bfloat16_and_unknown_names():
     experiment("stdlib_gpt", "model.matmul=mkl").model.validate()
 
 
-@pytest.mark.parametrize("cxx,message", [("/nonexistent/c++", "needs a C\\+\\+ compiler .* '/nonexistent/c\\+\\+' was not found"),
-                                         ("false", "building host_gemm.cc with 'false' failed")])
+@pytest.mark.parametrize("cxx,message", [("/nonexistent/c++", "need a C\\+\\+ compiler, and '/nonexistent/c\\+\\+' was not found"),
+                                         ("false", "building dcmodel's CPU kernels \\(host_gemm.cc, host_attention.cc\\) with 'false' failed")])
 def test_a_kernel_that_cannot_be_built_is_a_user_error(monkeypatch, tmp_path, cxx, message):
   """The build's errors name the compiler and the way out, and leave no library in the cache."""
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   monkeypatch.setenv("CXX", cxx)
-  with pytest.raises(UserError, match=message + ".*model.matmul=xla"):
-    host_gemm._build()
+  with pytest.raises(UserError, match=message + ".*model.matmul=xla and model.attention=xla"):
+    host_kernels.build()
   assert not list(tmp_path.rglob("*.so"))
 
 
 def test_the_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-  first = host_gemm._build()
+  first = host_kernels.build()
   assert first.parent == tmp_path / "dcmodel" and first.stat().st_size > 0
   stamp = first.stat().st_mtime_ns
-  assert host_gemm._build() == first and first.stat().st_mtime_ns == stamp
+  assert host_kernels.build() == first and first.stat().st_mtime_ns == stamp

@@ -24,6 +24,7 @@ Candidates (comma-separated names; `+` joins several, e.g. `qkv+bhtd`):
            ran the (4096,512)x(512,2048) one at half the NN speed)
   bf16     model.dtype=bfloat16 (parameters and optimizer state stay float32)
   xlamm    model.matmul=xla: the dense layers on XLA's dots, not host BLAS (models/host_gemm.py)
+  xlaattn  model.attention=xla: XLA's attention, not the fused CPU kernel (models/host_attention.py)
   remat    model.remat=dots
   fast     xla_cpu_enable_fast_math (honoring nothing: no NaN/inf/division/function guarantees)
   ynn_dot  YNNPACK fusions of dots only (xla_cpu_experimental_ynn_fusion_type=dot)
@@ -277,7 +278,8 @@ OPTIONS = {
   "tileprop": {"xla_cpu_experimental_enable_tiling_propagation": True},
   "noemit": {"xla_cpu_use_fusion_emitters": False},
 }
-SETS = {"bf16": ["model.dtype=bfloat16"], "remat": ["model.remat=dots"], "xlamm": ["model.matmul=xla"]}
+SETS = {"bf16": ["model.dtype=bfloat16"], "remat": ["model.remat=dots"], "xlamm": ["model.matmul=xla"],
+        "xlaattn": ["model.attention=xla"]}
 LAYOUTS = ("bhtd", "einsum", "block2", "block4", "tblock2", "tblock4")
 BTHD = ("dpa", "einsum", "tblock2", "tblock4")
 

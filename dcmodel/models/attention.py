@@ -2,6 +2,9 @@
 
 `model.attention` names it:
   xla     jax.nn.dot_product_attention(implementation="xla"): every platform, every mask.
+  cpu     dcmodel's fused CPU kernel (models/host_attention.py, an XLA FFI custom call): float32
+          self-attention, causal or full, segment ids, grouped-query heads, shard_mapped over the
+          batch and head axes. XLA:CPU has none of its own.
   cudnn   jax.nn.dot_product_attention(implementation="cudnn"): cuDNN's fused attention on an NVIDIA
           GPU, bfloat16. Segment ids go in as a boolean mask, which jax
           hands to cuDNN as an additive bias; cuDNN's packed (THD) layout would skip the masked
@@ -9,8 +12,8 @@
   splash  the Pallas TPU splash-attention kernel (jax.experimental.pallas.ops.tpu.splash_attention):
           causal or full, segment ids, grouped-query heads, shard_mapped over the batch and head
           axes. Off TPU it runs in Pallas interpret mode: correct and slow, for tests.
-  auto    cudnn on GPU, splash on TPU, xla elsewhere, and xla wherever the kernel cannot take the
-          call (`unfit` says where).
+  auto    cpu on CPU, cudnn on GPU, splash on TPU, and xla wherever the kernel cannot take the
+          call (`unfit` says where) or, for cpu, could not be built here.
 
 An explicit kernel that cannot take a whole-row call (training, evaluation) is a UserError naming
 why. Decoding does not come here: the KV cache attends in its own layout (transformer.KVCache.attend,
@@ -38,9 +41,10 @@ from jax.sharding import PartitionSpec as P
 
 from dcmodel.errors import UserError
 from dcmodel.mesh import logical_spec, spec_axes
+from dcmodel.models import host_attention, host_kernels
 
-IMPLS = ("auto", "xla", "cudnn", "splash")
-AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}    # by jax backend; any other: xla
+IMPLS = ("auto", "xla", "cpu", "cudnn", "splash")
+AUTO = {"cpu": "cpu", "gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}    # by jax backend; any other: xla
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 SPLASH_BLOCK = 128          # the kernel's tiles are multiples of the TPU's 128 lanes
 SPLASH_BLOCKS = (512, 256, 128)   # the largest that divides the length (MaxText's default is 512)
@@ -63,6 +67,15 @@ def unfit(impl: str, *, backend: str | None, dtype, q_len: int, kv_len: int, hea
           masked: bool, cache: bool) -> str | None:
   """Why kernel `impl` cannot take this call, or None. `backend` None: not checked (config time);
   `masked`: segment ids or a cache mask; `cache`: a per-row mask over KV-cache slots."""
+  if impl == "cpu":
+    if backend is not None and backend != "cpu":
+      return f"dcmodel's fused attention runs on the CPU, not {backend}"
+    if jnp.dtype(dtype) != jnp.float32:
+      return f"dcmodel's fused CPU attention computes float32 only, not {jnp.dtype(dtype).name}"
+    if cache:
+      return "decoding's KV cache attends in its own layout"
+    if q_len != kv_len:
+      return f"it takes self-attention, not {q_len} queries against {kv_len} keys"
   if impl == "splash":
     if cache:
       return "the kernel's mask is static and shared by the batch, the KV cache's is per row"
@@ -92,7 +105,7 @@ def choose(impl: str, *, backend: str, dtype, q_len: int, kv_len: int, head_dim:
   if impl == "xla":
     return "xla"
   want = AUTO.get(backend, "xla") if impl == "auto" else impl
-  if want == "xla":
+  if want == "xla" or (impl == "auto" and want == "cpu" and not host_kernels.available()):
     return "xla"
   why = unfit(want, backend=backend, dtype=dtype, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
               masked=masked, cache=cache)
@@ -114,7 +127,9 @@ def attend(q, k, v, *, causal: bool, segment_ids=None, mask=None, impl: str = "a
   use = choose(impl, backend=backend, dtype=q.dtype, q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[-1],
                masked=segment_ids is not None or mask is not None, cache=mask is not None)
   if use == "splash":
-    return splash(q, k, v, causal=causal, segment_ids=segment_ids, interpret=backend != "tpu")
+    return per_device(functools.partial(_splash_local, causal=causal, interpret=backend != "tpu"), q, k, v, segment_ids)
+  if use == "cpu":
+    return per_device(functools.partial(host_attention.attention, causal=causal), q, k, v, segment_ids)
   if (use == "xla" and causal and mask is None and q.shape[1] == k.shape[1] and q.shape[1] >= CAUSAL_HALVES_MIN
       and q.shape[1] % 2 == 0 and _HALVES.get()):
     return causal_halves(q, k, v, segment_ids)
@@ -148,13 +163,13 @@ def causal_halves(q, k, v, segment_ids=None):
   return jnp.concatenate(outs, axis=1).reshape(b, t, h, d)
 
 
-def splash(q, k, v, *, causal: bool, segment_ids=None, interpret: bool = False):
-  """The splash kernel over (batch, length, heads, head_dim) arrays. Under a mesh, shard_mapped:
-  a Pallas call is opaque to XLA's partitioner, which would otherwise gather it onto every
-  device. Batch and heads stay split as the rules say; the length is whole on each device
-  (the kernel's mask is over the full sequence)."""
+def per_device(local, q, k, v, segment_ids=None):
+  """local(q, k, v, segment_ids) on each device's part of (batch, length, heads, head_dim) arrays:
+  under a mesh, shard_mapped, for a kernel that is a custom call (Pallas, FFI) and so opaque to
+  XLA's partitioner, which would otherwise gather it onto every device. Batch and heads stay split
+  as the rules say; the length is whole on each device (the kernels' masks are over the full
+  sequence)."""
   mesh = jax.sharding.get_abstract_mesh()
-  local = functools.partial(_splash_local, causal=causal, interpret=interpret)
   if mesh is None or mesh.empty:
     return local(q, k, v, segment_ids)
   batch, heads = logical_spec(("batch", "act_heads"))

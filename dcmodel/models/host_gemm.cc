@@ -1,26 +1,13 @@
-// C = op(A) op(B) for row-major float32 A, B on the CPU (dcmodel/models/host_gemm.py builds it):
+// C = op(A) op(B) for row-major float32 A, B on the CPU (dcmodel/models/host_kernels.py builds it):
 // the transposes are BLAS flags, never copies. OpenBLAS runs single-threaded; the product is split
-// in row (or column) blocks over XLA's own intra-op thread pool, so no second pool of threads
-// competes with XLA's for the cores.
+// in row (or column) blocks over XLA's own intra-op thread pool (host_parallel.h).
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include "cblas.h"
+#include "host_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-
-namespace {
-struct Work {
-  std::atomic<int64_t> next{0};
-  int64_t chunks, done = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-}
 
 static ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                        ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
@@ -37,7 +24,7 @@ static ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
   // Blocks of at least 64 rows or columns: below that, packing the shared operand costs more than
   // a second core gains.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), extent / 64));
-  auto run = [=](int64_t i) {
+  dcmodel::ParallelFor(pool, chunks, chunks, [=](int64_t, int64_t i) {
     const int64_t lo = extent * i / chunks, hi = extent * (i + 1) / chunks;
     const float* ca = pa;
     const float* cb = pb;
@@ -47,23 +34,7 @@ static ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
     else { cb += trans_b ? lo * ldb : lo; cc += lo; nn = hi - lo; }
     scipy_cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
                       mm, nn, k, 1.0f, ca, lda, cb, ldb, 0.0f, cc, n);
-  };
-  if (chunks == 1) { run(0); return ffi::Error::Success(); }
-  // Chunks are claimed from a counter, by the pool's threads and by this one: a task that starts
-  // late finds none left, so waiting here is only ever for chunks already running.
-  auto work = std::make_shared<Work>();
-  work->chunks = chunks;
-  auto drain = [work, run] {
-    for (int64_t i; (i = work->next.fetch_add(1)) < work->chunks;) {
-      run(i);
-      std::lock_guard<std::mutex> lock(work->mu);
-      if (++work->done == work->chunks) work->cv.notify_all();
-    }
-  };
-  for (int64_t t = 1; t < chunks; ++t) { auto task = drain; pool.Schedule(std::move(task)); }
-  drain();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done == work->chunks; });
+  });
   return ffi::Error::Success();
 }
 
@@ -76,5 +47,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HostGemm, Gemm,
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b"));
 
-// Called once when the library is loaded (host_gemm.py).
-extern "C" void HostGemmSingleThreaded() { scipy_openblas_set_num_threads(1); }
+// Called once when the library is loaded (host_kernels.py): every kernel parallelizes over XLA's pool.
+extern "C" void HostKernelsSingleThreadedBlas() { scipy_openblas_set_num_threads(1); }

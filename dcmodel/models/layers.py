@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from dcmodel.data.types import Field
 from dcmodel.errors import UserError
 from dcmodel.mesh import logical_spec, spec_axes
-from dcmodel.models import host_gemm
+from dcmodel.models import host_gemm, host_kernels
 
 # Compute dtypes by config name. Parameters and optimizer state stay float32 whatever is chosen
 # (mixed precision); logits go back to float32 before the loss.
@@ -90,7 +90,7 @@ def takes_host_gemm(impl: str, dtype) -> bool:
       raise UserError(f"model.matmul=blas runs on the CPU only, and this run is on {jax.default_backend()} "
                       f"(use model.matmul=auto or xla)")
     return True
-  return jax.default_backend() == "cpu" and dtype == jnp.float32 and host_gemm.available()
+  return jax.default_backend() == "cpu" and dtype == jnp.float32 and host_kernels.available()
 
 
 def _host_product(x, w, contract: int, split_mesh: bool):

@@ -19,7 +19,7 @@ from dcmodel.data.types import BatchSpec, Field
 from dcmodel.errors import UserError
 from dcmodel.mesh import constrain
 from dcmodel.models.attention import IMPLS, attend, unfit
-from dcmodel.models import host_gemm
+from dcmodel.models import host_kernels
 from dcmodel.models.layers import DTYPES, MATMULS, PRODUCT, compute_dtype, label_fields, matmul, param_init, takes_host_gemm, zeros
 from dcmodel.models.registry import ModelConfig, register
 
@@ -50,7 +50,7 @@ class TransformerConfig(ModelConfig):
   dropout: float = 0.0             # on embeddings and each residual branch, in training only
   dtype: str = "float32"           # compute dtype; parameters and optimizer state stay float32
   remat: str = "none"              # none | block | dots
-  attention: str = "auto"          # auto | xla | cudnn | splash: the kernel (models/attention.py)
+  attention: str = "auto"          # auto | xla | cpu | cudnn | splash: the kernel (models/attention.py)
   matmul: str = "auto"             # auto | xla | blas: the dense layers' product (models/layers.py MATMULS)
   name: ClassVar[str]
   COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ("remat", "attention", "matmul")   # a checkpoint resumes under any of these
@@ -104,10 +104,12 @@ class TransformerConfig(ModelConfig):
     if self.attention != "auto" and (why := unfit(self.attention, backend=None, dtype=DTYPES[self.dtype], q_len=self.max_len,
                                                   kv_len=self.max_len, head_dim=self.head_dim, masked=False, cache=False)):
       raise UserError(f"model.attention={self.attention} cannot take this model: {why}")
+    if self.attention == "cpu":
+      host_kernels.register()   # as for blas below
     if self.matmul == "blas":
       if self.dtype != "float32":
         raise UserError(f"model.matmul=blas multiplies float32 only, and model.dtype={self.dtype} (use model.matmul=auto)")
-      host_gemm.register()   # builds the kernel now, so a missing compiler is said before the run starts
+      host_kernels.register()   # builds the kernels now, so a missing compiler is said before the run starts
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
     if self.positions == "rope" and self.head_dim % 2:

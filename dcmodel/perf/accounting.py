@@ -162,11 +162,11 @@ class Accounting:
 
 def loss_fn_and_args(cfg: Config):
   """(loss(params, batch), abstract params, abstract batch, abstract optimizer state) of `cfg`'s
-  model on one global batch, laid out on one device (accounting is layout-free). Convolutions and
-  dense products are XLA's: the model's own FLOPs, not the padding zeros the matmul form of a
-  convolution also multiplies, and dots the jaxpr walk and XLA's cost analysis can count (a host
-  BLAS product is a custom call, opaque to both)."""
-  xla_forms = {form: "xla" for form in ("conv", "matmul") if getattr(cfg.model, form, "xla") != "xla"}
+  model on one global batch, laid out on one device (accounting is layout-free). Convolutions,
+  dense products and attention are XLA's: the model's own FLOPs, not the padding zeros the matmul
+  form of a convolution also multiplies, and dots the jaxpr walk and XLA's cost analysis can count
+  (a host BLAS product or a fused attention kernel is a custom call, opaque to both)."""
+  xla_forms = {form: "xla" for form in ("conv", "matmul", "attention") if getattr(cfg.model, form, "xla") != "xla"}
   if xla_forms:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **xla_forms))
   one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1, stage=1))
