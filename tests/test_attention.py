@@ -158,24 +158,27 @@ def test_kernel_equals_xla_forward_and_gradients(impl, causal, segments):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
-@pytest.mark.parametrize("length, heads, kv_heads, head_dim, causal, scale", [
-    (5, 4, 2, 32, True, 1.0),       # shorter than one 32-row block
-    (70, 4, 1, 8, True, 1.0),       # a partial last block; multi-query
-    (70, 3, 3, 16, False, 1.0),     # full attention, one kv head per query head
-    (64, 2, 2, 64, True, 5.0),      # logits of std 25: the softmax's max shift keeps it finite
+@pytest.mark.parametrize("length, heads, kv_heads, head_dim, causal, scale, rotary", [
+    (5, 4, 2, 32, True, 1.0, None),       # shorter than one 32-row block
+    (70, 4, 1, 8, True, 1.0, "row"),      # a partial last block; multi-query; RoPE at positions 0..69
+    (70, 3, 3, 16, False, 1.0, "packed"),  # full attention, one kv head per query head; RoPE per row
+    (64, 2, 2, 64, True, 5.0, None),      # logits of std 25: the softmax's max shift keeps it finite
 ])
-def test_cpu_kernel_at_the_edges_equals_float64(length, heads, kv_heads, head_dim, causal, scale):
+def test_cpu_kernel_at_the_edges_equals_float64(length, heads, kv_heads, head_dim, causal, scale, rotary):
   """The fused CPU kernel against float64 (XLA's attention computed in float64), forward and
-  gradients, with packed rows, on shapes that fall off its blocks: as close as XLA's float32
-  attention is, or closer. (At logits of std 25 both are ~1e-5 off in dq, the kernel about half
-  as far as XLA.)"""
+  gradients, with packed rows, on shapes that fall off its blocks, with RoPE inside the kernel
+  (positions shared by the batch, or each row's own as packed documents restart them): as close
+  as XLA's float32 attention is, or closer. (At logits of std 25 both are ~1e-5 off in dq, the
+  kernel about half as far as XLA.)"""
   rng = np.random.default_rng(length + heads)
   q = scale * rng.standard_normal((B, length, heads, head_dim))
   k, v = (scale * rng.standard_normal((B, length, kv_heads, head_dim)) for _ in "kv")
   seg = np.sort(rng.integers(0, 3, (B, length)), axis=1).astype(np.int32)
+  positions = {None: None, "row": np.arange(length), "packed": rng.integers(0, 4 * length, (B, length))}[rotary]
+  rot = None if positions is None else (jnp.asarray(positions), 10000.0)
 
   def run(impl, dtype):
-    f = lambda q, k, v: attend(q, k, v, causal=causal, segment_ids=seg, impl=impl)
+    f = lambda q, k, v: attend(q, k, v, causal=causal, segment_ids=seg, impl=impl, rotary=rot)
     out, pullback = jax.vjp(f, *(jnp.asarray(x, dtype) for x in (q, k, v)))
     return jax.device_get((out, *pullback(jnp.cos(out))))   # the gradient of sum(sin(attention))
 
@@ -216,10 +219,10 @@ def test_kernel_sharded_over_batch_and_heads(kv_heads, impl):
 
 @pytest.mark.parametrize("impl", KERNELS)
 def test_gpt_with_kernel_on_a_mesh_equals_xla(exp, impl):
-  """The model's own call site: GPT (grouped-query, packed rows) on data=4 x model=2, logits and
+  """The model's own call site: GPT (grouped-query, RoPE, packed rows) on data=4 x model=2, logits and
   parameter gradients under model.attention=splash (cpu) equal to xla."""
   from dcmodel.train.state import place
-  base = ["model.d_model=64", "model.num_layers=1", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
+  base = ["model.d_model=64", "model.num_layers=1", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128", "model.positions=rope",
           "mesh.data=4", "mesh.model=2", "data.global_batch_size=8"]
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(0, 256, (8, 128)), jnp.int32)

@@ -117,19 +117,24 @@ def choose(impl: str, *, backend: str, dtype, q_len: int, kv_len: int, head_dim:
 
 
 def attend(q, k, v, *, causal: bool, segment_ids=None, mask=None, impl: str = "auto",
-           backend: str | None = None):
+           backend: str | None = None, rotary=None):
   """Softmax attention. q (batch, length, heads, head_dim); k, v (batch, kv_length, kv_heads,
   head_dim), heads a multiple of kv_heads. `segment_ids` (batch, length): a token attends only
   within its own segment (packed documents). `mask` (batch, 1, length, kv_length), True where a
-  query may attend: the KV cache's. `backend`: the platform the program is built for (cpu, cuda,
-  rocm, tpu; default this process's; pass another to lower ahead of time for it)."""
+  query may attend: the KV cache's. `rotary`: (positions (length,) or (batch, length), base):
+  q and k are first rotated by `rope` (by the cpu kernel as it reads them). `backend`: the
+  platform the program is built for (cpu, cuda, rocm, tpu; default this process's; pass another
+  to lower ahead of time for it)."""
   backend = backend or _platform()
   use = choose(impl, backend=backend, dtype=q.dtype, q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[-1],
                masked=segment_ids is not None or mask is not None, cache=mask is not None)
+  if use == "cpu":
+    tables = (None, None) if rotary is None else rope_tables(rotary[0], q.shape[-1] // 2, rotary[1], q.shape[0])
+    return per_device(functools.partial(host_attention.attention, causal=causal), q, k, v, segment_ids, *tables)
+  if rotary is not None:
+    q, k = rope(q, *rotary), rope(k, *rotary)
   if use == "splash":
     return per_device(functools.partial(_splash_local, causal=causal, interpret=backend != "tpu"), q, k, v, segment_ids)
-  if use == "cpu":
-    return per_device(functools.partial(host_attention.attention, causal=causal), q, k, v, segment_ids)
   if (use == "xla" and causal and mask is None and q.shape[1] == k.shape[1] and q.shape[1] >= CAUSAL_HALVES_MIN
       and q.shape[1] % 2 == 0 and _HALVES.get()):
     return causal_halves(q, k, v, segment_ids)
@@ -163,15 +168,16 @@ def causal_halves(q, k, v, segment_ids=None):
   return jnp.concatenate(outs, axis=1).reshape(b, t, h, d)
 
 
-def per_device(local, q, k, v, segment_ids=None):
-  """local(q, k, v, segment_ids) on each device's part of (batch, length, heads, head_dim) arrays:
-  under a mesh, shard_mapped, for a kernel that is a custom call (Pallas, FFI) and so opaque to
-  XLA's partitioner, which would otherwise gather it onto every device. Batch and heads stay split
-  as the rules say; the length is whole on each device (the kernels' masks are over the full
+def per_device(local, q, k, v, *by_row):
+  """local(q, k, v, *by_row) on each device's part of (batch, length, heads, head_dim) arrays and
+  of `by_row` arrays (batch, ...) or None (segment ids, rotary tables): under a mesh,
+  shard_mapped, for a kernel that is a custom call (Pallas, FFI) and so opaque to XLA's
+  partitioner, which would otherwise gather it onto every device. Batch and heads stay split as
+  the rules say; the length is whole on each device (the kernels' masks are over the full
   sequence)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
-    return local(q, k, v, segment_ids)
+    return local(q, k, v, *by_row)
   batch, heads = logical_spec(("batch", "act_heads"))
   if k.shape[2] % math.prod(mesh.shape[a] for a in spec_axes(heads)):
     # kv heads that do not split over the head shards (e.g. one, multi-query): give each query
@@ -181,9 +187,28 @@ def per_device(local, q, k, v, segment_ids=None):
   # k and v split over the heads as q is, whatever their own rule: the kernel pairs local query
   # head h with local kv head h // group, true when both split into the same number of pieces.
   spec = P(batch, None, heads, None)
-  seg = None if segment_ids is None else P(batch, None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg), out_specs=spec,
-                       check_vma=False)(q, k, v, segment_ids)
+  rows = tuple(None if x is None else P(batch) for x in by_row)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, *rows), out_specs=spec,
+                       check_vma=False)(q, k, v, *by_row)
+
+
+def rope_tables(positions, half: int, base: float = 10000.0, batch: int | None = None):
+  """(sin, cos) of RoPE's angles, (..., length, half): position p turns dimension pair i by
+  p * base^(-i / half). With `batch`, broadcast to (batch, length, half)."""
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None].astype(jnp.float32) * freq
+  if batch is not None:
+    angle = jnp.broadcast_to(angle, (batch, *angle.shape[-2:]))
+  return jnp.sin(angle), jnp.cos(angle)
+
+
+def rope(x, positions, base: float = 10000.0):
+  """Rotary embedding on (..., length, heads, head_dim); positions (length,) or (batch, length).
+  The rotate-half layout: dimension i pairs with i + head_dim/2 (as Hugging Face's Llama)."""
+  half = x.shape[-1] // 2
+  sin, cos = (t[..., None, :] for t in rope_tables(positions, half, base))
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
 def _splash_local(q, k, v, segment_ids, *, causal: bool, interpret: bool):

@@ -6,6 +6,8 @@
 // block kept in a per-thread scratch that stays in cache. The products are single-threaded OpenBLAS
 // calls with the heads' strides as leading dimensions; the softmax is one pass over the block.
 // Masked: a query attends to key j when j <= i (causal) and its segment id equals the key's.
+// With rotary tables, q and k are rotated (RoPE) as they are read, and their gradients rotated
+// back as they are written: no rotated copy of either exists outside the kernel.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -70,7 +72,8 @@ struct Shape {
 };
 
 ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-                       ffi::Buffer<ffi::S32>& seg, Shape* s) {
+                       ffi::Buffer<ffi::S32>& seg, ffi::Buffer<ffi::F32>& sin, ffi::Buffer<ffi::F32>& cos,
+                       bool rotary, Shape* s) {
   auto dq = q.dimensions(), dk = k.dimensions(), dv = v.dimensions(), ds = seg.dimensions();
   if (dq.size() != 4 || dk.size() != 4 || dv.size() != 4 || ds.size() != 2)
     return ffi::Error::InvalidArgument("host_attention takes 4-D q, k, v and 2-D segment ids");
@@ -82,6 +85,12 @@ ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::
     return ffi::Error::InvalidArgument("host_attention: heads are not a multiple of kv heads");
   if (ds[0] != s->batch || ds[1] != s->length)
     return ffi::Error::InvalidArgument("host_attention: segment ids are not (batch, length)");
+  if (rotary) {
+    auto dsin = sin.dimensions(), dcos = cos.dimensions();
+    if (s->dim % 2 || dsin.size() != 3 || dcos.size() != 3 || dsin[0] != s->batch || dsin[1] != s->length ||
+        dsin[2] != s->dim / 2 || dcos[0] != dsin[0] || dcos[1] != dsin[1] || dcos[2] != dsin[2])
+      return ffi::Error::InvalidArgument("host_attention: rotary tables are not (batch, length, head_dim / 2)");
+  }
   return ffi::Error::Success();
 }
 
@@ -111,34 +120,71 @@ void Softmax(const Shape& sh, float* s, int64_t lo, int64_t rows, int64_t n, con
   }
 }
 
+// Rotary embedding (rotate-half layout: dimension c pairs with c + D/2) of `rows` rows of x (row
+// stride ld) at positions [t0, t0 + rows) of one sequence's tables, into y (row stride D). The
+// inverse rotation (its transpose) carries gradients back.
+void Rotate(const float* x, int64_t ld, int64_t rows, int64_t D, const float* sin, const float* cos, bool inverse,
+            float* y, int64_t ld_y) {
+  const int64_t half = D / 2;
+  const float sign = inverse ? -1.0f : 1.0f;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float *a = x + i * ld, *b = a + half, *sn = sin + i * half, *cs = cos + i * half;
+    float *ya = y + i * ld_y, *yb = ya + half;
+    for (int64_t c = 0; c < half; ++c) {
+      const float s = sign * sn[c];
+      ya[c] = a[c] * cs[c] - b[c] * s;
+      yb[c] = b[c] * cs[c] + a[c] * s;
+    }
+  }
+}
+
+// A head's rows as the products read them: where they lie (row stride ld), or rotated into
+// `scratch` (row stride D) when there are rotary tables.
+struct Rows {
+  const float* data;
+  int64_t ld;
+};
+
+Rows Rotated(const float* x, int64_t ld, int64_t rows, int64_t D, const float* sin, const float* cos,
+             float* scratch) {
+  if (sin == nullptr) return {x, ld};
+  Rotate(x, ld, rows, D, sin, cos, false, scratch, D);
+  return {scratch, D};
+}
+
 }  // namespace
 
 static ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> o,
-                          ffi::ResultBuffer<ffi::F32> lse, float scale, bool causal) {
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> sin,
+                          ffi::Buffer<ffi::F32> cos, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse,
+                          float scale, bool causal, bool rotary) {
   Shape sh;
-  if (auto e = CheckShapes(q, k, v, seg, &sh); e.failure()) return e;
+  if (auto e = CheckShapes(q, k, v, seg, sin, cos, rotary, &sh); e.failure()) return e;
   sh.scale = scale, sh.causal = causal;
   const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
+  const float *psin = rotary ? sin.typed_data() : nullptr, *pcos = rotary ? cos.typed_data() : nullptr;
   const int32_t* ps = seg.typed_data();
   float *po = o->typed_data(), *pl = lse->typed_data();
-  const int64_t group = sh.heads / sh.kv_heads, T = sh.length, D = sh.dim;
+  const int64_t group = sh.heads / sh.kv_heads, T = sh.length, D = sh.dim, half = D / 2;
   const int64_t workers = pool.num_threads();
   std::vector<std::vector<float>> scratch(std::max<int64_t>(workers, 1));
   dcmodel::ParallelFor(pool, sh.batch * sh.kv_heads, workers, [&](int64_t w, int64_t task) {
-    std::vector<float>& s = scratch[w];
-    s.resize(kRows * T);
+    std::vector<float>& buf = scratch[w];
+    buf.resize(kRows * T + T * D + kRows * D);
+    float *s = buf.data(), *kr = s + kRows * T, *qr = kr + T * D;
     const int64_t b = task / sh.kv_heads, g = task % sh.kv_heads;
-    const float* kb = pk + (b * T * sh.kv_heads + g) * D;
+    const float *sinb = psin ? psin + b * T * half : nullptr, *cosb = pcos ? pcos + b * T * half : nullptr;
+    const Rows ks = Rotated(pk + (b * T * sh.kv_heads + g) * D, sh.ld_k(), T, D, sinb, cosb, kr);
     const float* vb = pv + (b * T * sh.kv_heads + g) * D;
     for (int64_t h = g * group; h < (g + 1) * group; ++h) {
       for (int64_t lo = 0; lo < T; lo += kRows) {
         const int64_t rows = std::min(kRows, T - lo), n = sh.keys(lo + rows);
-        const float* qb = pq + ((b * T + lo) * sh.heads + h) * D;
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, D, 1.0f, qb, sh.ld_q(), kb,
-                          sh.ld_k(), 0.0f, s.data(), n);
-        Softmax(sh, s.data(), lo, rows, n, ps + b * T, nullptr, pl + (b * sh.heads + h) * T);
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, n, 1.0f, s.data(), n, vb,
+        const Rows qs = Rotated(pq + ((b * T + lo) * sh.heads + h) * D, sh.ld_q(), rows, D,
+                                sinb ? sinb + lo * half : nullptr, cosb ? cosb + lo * half : nullptr, qr);
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, D, 1.0f, qs.data, qs.ld, ks.data, ks.ld,
+                          0.0f, s, n);
+        Softmax(sh, s, lo, rows, n, ps + b * T, nullptr, pl + (b * sh.heads + h) * T);
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, n, 1.0f, s, n, vb,
                           sh.ld_k(), 0.0f, po + ((b * T + lo) * sh.heads + h) * D, sh.ld_q());
       }
     }
@@ -147,40 +193,51 @@ static ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
 }
 
 // dq, dk, dv from the forward's o and log-sum-exp: with P the probabilities and dO the output's
-// gradient, dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO o)), dQ = scale dS K, dK = scale dS^T Q.
+// gradient, dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO o)), dQ = scale dS K, dK = scale dS^T Q
+// (Q and K rotated when there are rotary tables, their gradients rotated back).
 static ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> o,
-                           ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                           ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale, bool causal) {
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> sin,
+                           ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                           ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                           ffi::ResultBuffer<ffi::F32> dv, float scale, bool causal, bool rotary) {
   Shape sh;
-  if (auto e = CheckShapes(q, k, v, seg, &sh); e.failure()) return e;
+  if (auto e = CheckShapes(q, k, v, seg, sin, cos, rotary, &sh); e.failure()) return e;
   sh.scale = scale, sh.causal = causal;
   const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
+  const float *psin = rotary ? sin.typed_data() : nullptr, *pcos = rotary ? cos.typed_data() : nullptr;
   const float *po = o.typed_data(), *pl = lse.typed_data(), *pdo = dout.typed_data();
   const int32_t* ps = seg.typed_data();
   float *pdq = dq->typed_data(), *pdk = dk->typed_data(), *pdv = dv->typed_data();
-  const int64_t group = sh.heads / sh.kv_heads, T = sh.length, D = sh.dim;
+  const int64_t group = sh.heads / sh.kv_heads, T = sh.length, D = sh.dim, half = D / 2;
   const int64_t workers = pool.num_threads();
   std::vector<std::vector<float>> scratch(std::max<int64_t>(workers, 1));
   dcmodel::ParallelFor(pool, sh.batch * sh.kv_heads, workers, [&](int64_t w, int64_t task) {
     std::vector<float>& buf = scratch[w];
-    buf.resize(2 * kRows * T + kRows + D);
+    buf.resize(2 * kRows * T + kRows + D + 2 * T * D + 2 * kRows * D);
     float *p = buf.data(), *dp = p + kRows * T, *delta = dp + kRows * T, *prod = delta + kRows;
+    float *kr = prod + D, *dkr = kr + T * D, *qr = dkr + T * D, *dqr = qr + kRows * D;
     const int64_t b = task / sh.kv_heads, g = task % sh.kv_heads;
+    const float *sinb = psin ? psin + b * T * half : nullptr, *cosb = pcos ? pcos + b * T * half : nullptr;
     const int64_t kv_at = (b * T * sh.kv_heads + g) * D;
-    const float *kb = pk + kv_at, *vb = pv + kv_at;
-    float *dkb = pdk + kv_at, *dvb = pdv + kv_at;
-    for (int64_t t = 0; t < T; ++t) {   // this task's kv head gathers from its query heads and rows
-      std::fill_n(dkb + t * sh.ld_k(), D, 0.0f);
+    const Rows ks = Rotated(pk + kv_at, sh.ld_k(), T, D, sinb, cosb, kr);
+    const float* vb = pv + kv_at;
+    // dK gathers over this kv head's query heads and rows: in place, or rotated in dkr and turned back at the end.
+    const Rows dks = rotary ? Rows{dkr, D} : Rows{pdk + kv_at, sh.ld_k()};
+    float* dkw = const_cast<float*>(dks.data);
+    float* dvb = pdv + kv_at;
+    for (int64_t t = 0; t < T; ++t) {
+      std::fill_n(dkw + t * dks.ld, D, 0.0f);
       std::fill_n(dvb + t * sh.ld_k(), D, 0.0f);
     }
     for (int64_t h = g * group; h < (g + 1) * group; ++h) {
       for (int64_t lo = 0; lo < T; lo += kRows) {
         const int64_t rows = std::min(kRows, T - lo), n = sh.keys(lo + rows);
         const int64_t at = ((b * T + lo) * sh.heads + h) * D;
-        const float *qb = pq + at, *ob = po + at, *dob = pdo + at;
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, D, 1.0f, qb, sh.ld_q(), kb,
-                          sh.ld_k(), 0.0f, p, n);
+        const float *ob = po + at, *dob = pdo + at;
+        const float *sinr = sinb ? sinb + lo * half : nullptr, *cosr = cosb ? cosb + lo * half : nullptr;
+        const Rows qs = Rotated(pq + at, sh.ld_q(), rows, D, sinr, cosr, qr);
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, D, 1.0f, qs.data, qs.ld, ks.data, ks.ld,
+                          0.0f, p, n);
         Softmax(sh, p, lo, rows, n, ps + b * T, pl + (b * sh.heads + h) * T, nullptr);
         scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, D, rows, 1.0f, p, n, dob, sh.ld_q(), 1.0f,
                           dvb, sh.ld_k());
@@ -196,12 +253,19 @@ static ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
           const float* pr = p + i * n;
           for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - delta[i]) * scale;
         }
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, n, 1.0f, dp, n, kb, sh.ld_k(), 0.0f,
-                          pdq + at, sh.ld_q());
-        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, D, rows, 1.0f, dp, n, qb, sh.ld_q(), 1.0f,
-                          dkb, sh.ld_k());
+        if (rotary) {
+          scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, n, 1.0f, dp, n, ks.data, ks.ld, 0.0f,
+                            dqr, D);
+          Rotate(dqr, D, rows, D, sinr, cosr, true, pdq + at, sh.ld_q());
+        } else {
+          scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, n, 1.0f, dp, n, ks.data, ks.ld, 0.0f,
+                            pdq + at, sh.ld_q());
+        }
+        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, D, rows, 1.0f, dp, n, qs.data, qs.ld, 1.0f,
+                          dkw, dks.ld);
       }
     }
+    if (rotary) Rotate(dkr, D, T, D, sinb, cosb, true, pdk + kv_at, sh.ld_k());
   });
   return ffi::Error::Success();
 }
@@ -213,10 +277,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HostAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<bool>("causal"));
+                                  .Attr<bool>("causal")
+                                  .Attr<bool>("rotary"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HostAttentionBackward, Backward,
                               ffi::Ffi::Bind()
@@ -228,8 +295,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HostAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<bool>("causal"));
+                                  .Attr<bool>("causal")
+                                  .Attr<bool>("rotary"));

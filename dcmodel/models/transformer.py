@@ -18,7 +18,7 @@ from flax import nnx
 from dcmodel.data.types import BatchSpec, Field
 from dcmodel.errors import UserError
 from dcmodel.mesh import constrain
-from dcmodel.models.attention import IMPLS, attend, unfit
+from dcmodel.models.attention import IMPLS, attend, rope, unfit
 from dcmodel.models import host_kernels
 from dcmodel.models.layers import DTYPES, MATMULS, PRODUCT, compute_dtype, label_fields, matmul, param_init, takes_host_gemm, zeros
 from dcmodel.models.registry import ModelConfig, register
@@ -159,17 +159,6 @@ def _norm(cfg, rngs):
                        use_bias=cfg.use_bias, rngs=rngs)
 
 
-def rope(x, positions, base: float = 10000.0):
-  """Rotary embedding on (..., length, heads, head_dim); positions (length,) or (batch, length).
-  The rotate-half layout: dimension i pairs with i + head_dim/2 (as Hugging Face's Llama)."""
-  half = x.shape[-1] // 2
-  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions[..., None].astype(jnp.float32) * freq                   # (..., length, half)
-  sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -247,13 +236,14 @@ class Attention(nnx.Module):
     q, k, v = (matmul(x, w[...].astype(dtype), cfg.matmul) for w in (self.wq, self.wk, self.wv))   # (b, l, heads, head_dim)
     if self.bq is not None:
       q, k, v = (t + b[...].astype(dtype) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
-    if cfg.positions == "rope":
-      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    rotary = (positions, cfg.rope_theta) if cfg.positions == "rope" else None
     q = constrain(q, ("batch", "act_length", "act_heads", None))
     if cache is None:
       # Packed rows: a token attends only within its own document (same segment id).
-      out = attend(q, k, v, causal=causal, segment_ids=segment_ids, impl=cfg.attention)   # GQA: k/v heads are shared
+      out = attend(q, k, v, causal=causal, segment_ids=segment_ids, impl=cfg.attention, rotary=rotary)   # GQA: k/v heads are shared
     else:
+      if rotary is not None:
+        q, k = rope(q, *rotary), rope(k, *rotary)
       cache = cache.write(k, v)
       out = cache.attend(q)     # decoding: the cache's own layout and mask, plain XLA on every platform
     out = constrain(out, ("batch", "act_length", "act_heads", None))
