@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dcmodel.errors import UserError
+from dcmodel.models import host_kernels
 from dcmodel.models.attention import attend, choose
 
 B, H, K, D = 2, 4, 2, 32     # grouped-query heads: 2 query heads per kv head
@@ -72,7 +73,7 @@ def pick(impl, backend, dtype=jnp.bfloat16, q_len=256, kv_len=None, head_dim=64,
 
 @pytest.mark.parametrize("args, want", [
     (("auto", "cpu"), "xla"),                                           # bfloat16: no CPU kernel
-    (("auto", "cpu", jnp.float32), "cpu"),
+    (("auto", "cpu", jnp.float32), "cpu"),                              # (xla where it cannot be built)
     (("auto", "cpu", jnp.float32, 200, None, 24, False), "cpu"),        # any length, any head_dim
     (("auto", "cpu", jnp.float32, 1, 384, 64, True, True), "xla"),      # decoding against the cache
     (("cpu", "cpu", jnp.float32, 1, 384, 64, True, True), "xla"),       # even when asked for
@@ -94,7 +95,18 @@ def pick(impl, backend, dtype=jnp.bfloat16, q_len=256, kv_len=None, head_dim=64,
     (("xla", "tpu"), "xla"),
 ])
 def test_choice(args, want):
+  if want == "cpu" and not host_kernels.available():
+    want = "xla"
   assert pick(*args) == want
+
+
+def test_auto_builds_no_kernel_for_a_call_it_does_not_fit(monkeypatch):
+  """auto on CPU asks for the kernels only when the call fits them (bfloat16 never builds them),
+  and runs XLA's attention where they cannot be built."""
+  asked = []
+  monkeypatch.setattr(host_kernels, "available", lambda: asked.append(1) or False)
+  assert pick("auto", "cpu", jnp.bfloat16) == "xla" and not asked
+  assert pick("auto", "cpu", jnp.float32) == "xla" and asked
 
 
 @pytest.mark.parametrize("args, says", [
@@ -165,7 +177,8 @@ def test_kernel_equals_xla_forward_and_gradients(impl, causal, segments):
     (64, 2, 2, 64, True, 5.0, None),      # logits of std 25: the softmax's max shift keeps it finite
 ])
 def test_cpu_kernel_at_the_edges_equals_float64(length, heads, kv_heads, head_dim, causal, scale, rotary):
-  """The fused CPU kernel against float64 (XLA's attention computed in float64), forward and
+  """The fused CPU kernel against float64 (XLA's attention computed in float64; the rotation, as
+  attention.rope computes it, in float32), forward and
   gradients, with packed rows, on shapes that fall off its blocks, with RoPE inside the kernel
   (positions shared by the batch, or each row's own as packed documents restart them): as close
   as XLA's float32 attention is, or closer. (At logits of std 25 both are ~1e-5 off in dq, the
@@ -190,6 +203,20 @@ def test_cpu_kernel_at_the_edges_equals_float64(length, heads, kv_heads, head_di
     if scale == 1.0:   # at std-25 logits XLA's float32 falls outside this tolerance too
       close(g, t, name)
     assert diff(g, t)[1] <= max(2 * diff(x, t)[1], 1e-6), name
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_a_batch_that_does_not_split_evenly_goes_to_xla_under_auto(impl):
+  """A shard_mapped kernel takes even pieces only: 3 rows over data=2 run XLA's attention under
+  auto (XLA pads), and an explicit kernel says why it cannot run."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  q, k, v = (jnp.concatenate([x, x[:1]]) for x in inputs(128))   # 3 rows
+  with jax.set_mesh(mesh), nnx.logical_axis_rules((("batch", "data"), ("act_heads", "model"))):
+    got = jax.jit(lambda q, k, v: attend(q, k, v, causal=True, impl="auto"))(q, k, v)
+    with pytest.raises(UserError, match=f"model.attention={impl} cannot run here: the batch \\(3\\) does not split "
+                                        "evenly over its 2 mesh shards"):
+      jax.jit(lambda q, k, v: attend(q, k, v, causal=True, impl=impl))(q, k, v)
+  close(got, attend(q, k, v, causal=True, impl="xla"), "auto")
 
 
 @pytest.mark.parametrize("impl", KERNELS)
@@ -226,17 +253,20 @@ def test_gpt_with_kernel_on_a_mesh_equals_xla(exp, impl):
           "mesh.data=4", "mesh.model=2", "data.global_batch_size=8"]
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(0, 256, (8, 128)), jnp.int32)
-  seg = jnp.asarray(np.sort(rng.integers(1, 4, (8, 128)), axis=1), jnp.int32)
+  seg = np.sort(rng.integers(1, 4, (8, 128)), axis=1)
+  # each document's positions restart at 0: per-row rotary tables, split over the batch shards
+  pos = jnp.asarray(np.arange(128) - np.maximum.accumulate(np.where(np.diff(seg, prepend=0, axis=1) != 0, np.arange(128), 0), axis=1), jnp.int32)
+  seg = jnp.asarray(seg, jnp.int32)
   results = {}
   for name in (impl, "xla"):
     placed = place(exp("stdlib_gpt", *base, f"model.attention={name}"))
     model = placed.model(placed.init())
     with placed.context():
       def loss(m):
-        logits = m(x, segment_ids=seg)
+        logits = m(x, segment_ids=seg, positions=pos)
         return (logits ** 2).mean(), logits
       (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
-      jaxpr = str(jax.make_jaxpr(lambda m: m(x, segment_ids=seg))(model))
+      jaxpr = str(jax.make_jaxpr(lambda m: m(x, segment_ids=seg, positions=pos))(model))
     assert ("pallas_call" in jaxpr) == (name == "splash") and ("dcmodel_host_attention" in jaxpr) == (name == "cpu")
     results[name] = logits, jax.tree.leaves(grads)
   (logits, grads), (want, want_grads) = results[impl], results["xla"]

@@ -10,7 +10,7 @@ from conftest import experiment
 from dcmodel import models
 from dcmodel.config import MeshConfig
 from dcmodel.mesh import build_mesh, rules_for
-from dcmodel.models.transformer import rope
+from dcmodel.models.attention import rope
 from dcmodel.parallel import allreduce, data_parallel, tensor_parallel
 from dcmodel.train.loop import train
 from dcmodel.train import state as state_lib

@@ -119,11 +119,14 @@ def test_dropout_out_of_range_is_a_user_error():
 
 
 def _matmul_input_dtypes(jaxpr) -> set:
-  """dtypes entering every dot_general / conv in a jaxpr, nested scans and jits included."""
+  """dtypes entering every dot_general / conv in a jaxpr, nested scans and jits included, and the
+  floating operands of the CPU kernels' custom calls (host BLAS products, fused attention)."""
   found = set()
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
       found |= {str(v.aval.dtype) for v in eqn.invars}
+    if eqn.primitive.name == "ffi_call":
+      found |= {str(v.aval.dtype) for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating) and v.aval.size}
     for sub in jax.core.subjaxprs(eqn.params) if hasattr(jax.core, "subjaxprs") else ():
       found |= _matmul_input_dtypes(sub)
     for p in eqn.params.values():

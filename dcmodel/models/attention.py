@@ -105,12 +105,13 @@ def choose(impl: str, *, backend: str, dtype, q_len: int, kv_len: int, head_dim:
   if impl == "xla":
     return "xla"
   want = AUTO.get(backend, "xla") if impl == "auto" else impl
-  if want == "xla" or (impl == "auto" and want == "cpu" and not host_kernels.available()):
+  if want == "xla":
     return "xla"
   why = unfit(want, backend=backend, dtype=dtype, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
               masked=masked, cache=cache)
   if why is None:
-    return want
+    # auto builds the CPU kernels only for a call they fit, and runs XLA's where they cannot be built
+    return "xla" if impl == "auto" and want == "cpu" and not host_kernels.available() else want
   if impl == "auto" or cache:
     return "xla"
   raise UserError(f"model.attention={impl} cannot run here: {why}; use model.attention=auto or xla")
@@ -128,6 +129,10 @@ def attend(q, k, v, *, causal: bool, segment_ids=None, mask=None, impl: str = "a
   backend = backend or _platform()
   use = choose(impl, backend=backend, dtype=q.dtype, q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[-1],
                masked=segment_ids is not None or mask is not None, cache=mask is not None)
+  if use in ("cpu", "splash") and (why := _uneven(q)):
+    if impl != "auto":
+      raise UserError(f"model.attention={impl} cannot run here: {why}; use model.attention=auto or xla")
+    use = "xla"
   if use == "cpu":
     tables = (None, None) if rotary is None else rope_tables(rotary[0], q.shape[-1] // 2, rotary[1], q.shape[0])
     return per_device(functools.partial(host_attention.attention, causal=causal), q, k, v, segment_ids, *tables)
@@ -190,6 +195,21 @@ def per_device(local, q, k, v, *by_row):
   rows = tuple(None if x is None else P(batch) for x in by_row)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, *rows), out_specs=spec,
                        check_vma=False)(q, k, v, *by_row)
+
+
+def _uneven(q) -> str | None:
+  """Why `per_device` cannot split q's batch and heads evenly over the mesh, or None: a
+  shard_map takes even pieces only (XLA's partitioner pads the rest, e.g. an evaluation's last
+  batch)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  batch, heads = logical_spec(("batch", "act_heads"))
+  for what, size, axes in (("batch", q.shape[0], spec_axes(batch)), ("heads", q.shape[2], spec_axes(heads))):
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if size % shards:
+      return f"the {what} ({size}) does not split evenly over its {shards} mesh shards"
+  return None
 
 
 def rope_tables(positions, half: int, base: float = 10000.0, batch: int | None = None):

@@ -2,9 +2,10 @@
 // calls it; host_kernels.py builds it). q (batch, length, heads, head_dim) and k, v (batch, length,
 // kv_heads, head_dim) are read where they lie, each head a strided view, so no head-major copy is
 // ever written. One task per (row, kv head) on XLA's intra-op pool (host_parallel.h): its query
-// heads, in blocks of query rows against only the keys a causal mask lets them see, the scores of a
-// block kept in a per-thread scratch that stays in cache. The products are single-threaded OpenBLAS
-// calls with the heads' strides as leading dimensions; the softmax is one pass over the block.
+// heads, in blocks of kRows query rows against only the keys a causal mask lets them see. A block's
+// scores live in a per-thread kRows x length scratch (the keys are not tiled: it grows with the
+// length). The products are single-threaded OpenBLAS calls with the heads' strides as leading
+// dimensions; the softmax is a few vectorized passes over each row of the block.
 // Masked: a query attends to key j when j <= i (causal) and its segment id equals the key's.
 // With rotary tables, q and k are rotated (RoPE) as they are read, and their gradients rotated
 // back as they are written: no rotated copy of either exists outside the kernel.

@@ -5,11 +5,14 @@ Why: XLA:CPU has no fused attention. It runs the scores and the weighted sum as 
 head-major layout, writes transposing copies into and out of it, and the softmax and its backward
 as separate passes over the (batch, heads, length, length) scores in memory: on the benchmark GPT
 (T=128) ~200 ms of a ~2 s train step, the llama ~280 ms of 2.3 s. The kernel reads q, k, v where
-they lie, keeps each block of scores in cache, skips the keys a causal mask hides, and keeps only
-the output and the rows' log-sum-exp for the backward pass (flash attention's recipe), which it
-recomputes the probabilities from. RoPE is applied inside it too: XLA:CPU ran the rotation's
-concatenate fusions at ~5 ms per (32, 128, 8, 64) array, ~40 ms of the llama's forward alone. PyTorch's scaled_dot_product_attention on CPU is the same kind
-of kernel. Float32, self-attention (queries and keys of one length); anything else goes to XLA."""
+they lie, computes the scores of 32 query rows at a time against all the keys they may see (a
+32 x length scratch per thread, in cache at these lengths; the keys are not tiled, so it grows
+with the length), skips the keys a causal mask hides, and keeps only the output and the rows'
+log-sum-exp for the backward pass, which recomputes the probabilities from them (as flash
+attention does). RoPE is applied inside it too: XLA:CPU ran the rotation's concatenate fusions at
+~5 ms per (32, 128, 8, 64) array, ~40 ms of the llama's forward alone. PyTorch's
+scaled_dot_product_attention on CPU is a fused kernel of the same kind. Float32, self-attention
+(queries and keys of one length); anything else goes to XLA."""
 
 from __future__ import annotations
 
@@ -20,9 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcmodel.models import host_kernels
-
-FORWARD, BACKWARD = "dcmodel_host_attention_fwd", "dcmodel_host_attention_bwd"
-
 
 def attention(q, k, v, segment_ids=None, sin=None, cos=None, *, causal: bool):
   """Softmax attention of q (batch, length, heads, head_dim) over k, v (batch, length, kv_heads,
@@ -57,14 +57,16 @@ def _attention(q, k, v, seg, sin, cos, causal: bool, rotary: bool):
 def _forward(q, k, v, seg, sin, cos, causal, rotary):
   b, t, h, _ = q.shape
   out = (host_kernels.result(q.shape, q), host_kernels.result((b, h, t), q))
-  o, lse = jax.ffi.ffi_call(FORWARD, out)(q, k, v, seg, sin, cos, **_attrs(q, causal, rotary))
+  o, lse = jax.ffi.ffi_call(host_kernels.ATTENTION_FORWARD, out, vmap_method="sequential")(
+      q, k, v, seg, sin, cos, **_attrs(q, causal, rotary))
   return o, (q, k, v, seg, sin, cos, o, lse)
 
 
 def _backward(causal, rotary, res, do):
   q, k, v, seg, sin, cos, o, lse = res
   out = tuple(host_kernels.result(x.shape, q) for x in (q, k, v))
-  dq, dk, dv = jax.ffi.ffi_call(BACKWARD, out)(q, k, v, seg, sin, cos, o, lse, do, **_attrs(q, causal, rotary))
+  dq, dk, dv = jax.ffi.ffi_call(host_kernels.ATTENTION_BACKWARD, out, vmap_method="sequential")(
+      q, k, v, seg, sin, cos, o, lse, do, **_attrs(q, causal, rotary))
   return dq, dk, dv, None, None, None
 
 

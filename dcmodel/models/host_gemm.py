@@ -17,9 +17,6 @@ import jax.numpy as jnp
 
 from dcmodel.models import host_kernels
 
-TARGET = "dcmodel_host_gemm"
-
-
 def gemm(a, b, trans_a: bool = False, trans_b: bool = False):
   """op(a) @ op(b) for 2-D float32 a, b, where op transposes when asked: no copy either way."""
   if a.dtype != jnp.float32 or b.dtype != jnp.float32 or a.ndim != 2 or b.ndim != 2:
@@ -27,7 +24,8 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False):
   host_kernels.register()
   m = a.shape[1] if trans_a else a.shape[0]
   n = b.shape[0] if trans_b else b.shape[1]
-  return jax.ffi.ffi_call(TARGET, host_kernels.result((m, n), a))(a, b, trans_a=trans_a, trans_b=trans_b)
+  return jax.ffi.ffi_call(host_kernels.GEMM, host_kernels.result((m, n), a), vmap_method="sequential")(
+      a, b, trans_a=trans_a, trans_b=trans_b)
 
 
 def matmul(x, w, contract: int):

@@ -1,6 +1,6 @@
 """dcmodel's CPU kernels, XLA FFI custom calls in C++: the matmul (host_gemm.cc, for
 `layers.matmul`) and the fused attention (host_attention.cc, for `attention.attend`). Built into
-one library on first use with the machine's C++ compiler (`CXX`, default c++; ~3 s), against the
+one library on first use with the machine's C++ compiler (`CXX`, default c++; ~5 s), against the
 XLA FFI headers jaxlib ships and OpenBLAS from the `scipy-openblas32` wheel, cached by the hash of
 everything that goes into it, and registered with XLA for the CPU once per process.
 
@@ -28,10 +28,9 @@ from dcmodel.errors import UserError
 HERE = Path(__file__).parent
 SOURCES = (HERE / "host_gemm.cc", HERE / "host_attention.cc")
 HEADERS = (HERE / "host_parallel.h",)
+GEMM, ATTENTION_FORWARD, ATTENTION_BACKWARD = "dcmodel_host_gemm", "dcmodel_host_attention_fwd", "dcmodel_host_attention_bwd"
 # custom-call target -> the handler symbol the library exports
-TARGETS = {"dcmodel_host_gemm": "HostGemm",
-           "dcmodel_host_attention_fwd": "HostAttentionForward",
-           "dcmodel_host_attention_bwd": "HostAttentionBackward"}
+TARGETS = {GEMM: "HostGemm", ATTENTION_FORWARD: "HostAttentionForward", ATTENTION_BACKWARD: "HostAttentionBackward"}
 COMPILE_TIMEOUT_S = 300
 WAY_OUT = "or set model.matmul=xla and model.attention=xla"
 
@@ -52,10 +51,10 @@ def _compile_command(out: Path) -> list[str]:
 
 
 def build() -> Path:
-  """The compiled library, built once per sources, jaxlib, OpenBLAS and compiler."""
+  """The compiled library, built once per sources, jaxlib, OpenBLAS and compile command."""
   texts = [p.read_text() for p in SOURCES + HEADERS]
-  key = hashlib.sha256("\0".join([*texts, jax.ffi.include_dir(), importlib.metadata.version("jaxlib"),
-                                  scipy_openblas32.get_lib_dir(), _compiler()]).encode()).hexdigest()[:16]
+  key = hashlib.sha256("\0".join([*texts, importlib.metadata.version("jaxlib"), *_compile_command(Path("out"))]).encode()
+                       ).hexdigest()[:16]
   path = cache_dir() / f"host_kernels-{key}.so"
   if path.exists():
     return path

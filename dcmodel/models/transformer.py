@@ -68,9 +68,10 @@ class TransformerConfig(ModelConfig):
   CPU_COMPILER_OPTIONS_SHARED_CORES: ClassVar[dict | None] = {}
 
   def cpu_compiler_options(self, local_devices: int) -> dict:
-    # With the dense products on host BLAS, YNNPACK's dot fusion has only the attention's batched
-    # dots left, and they ran slower on it: the benchmark GPT's step 1.04x without the option
-    # (experiments_gpt_speed/dc_variants.py dcmodel against ynn_dot).
+    # With the dense products on host BLAS, YNNPACK's dot fusion has at most the attention's
+    # batched dots left (none under the fused CPU attention), and they ran slower on it: the
+    # benchmark GPT's step 1.04x without the option (experiments_gpt_speed/dc_variants.py dcmodel
+    # against ynn_dot, before the fused attention).
     if local_devices == 1 and takes_host_gemm(self.matmul, DTYPES[self.dtype]):
       return {}
     return super().cpu_compiler_options(local_devices)

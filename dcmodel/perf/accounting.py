@@ -160,14 +160,16 @@ class Accounting:
     return {**dataclasses.asdict(self), "flops_per_step": self.flops_per_step}
 
 
-def loss_fn_and_args(cfg: Config):
+def loss_fn_and_args(cfg: Config, countable: bool = True):
   """(loss(params, batch), abstract params, abstract batch, abstract optimizer state) of `cfg`'s
-  model on one global batch, laid out on one device (accounting is layout-free). Convolutions,
-  dense products and attention are XLA's: the model's own FLOPs, not the padding zeros the matmul
-  form of a convolution also multiplies, and dots the jaxpr walk and XLA's cost analysis can count
-  (a host BLAS product or a fused attention kernel is a custom call, opaque to both)."""
+  model on one global batch, laid out on one device (accounting is layout-free). `countable`:
+  convolutions, dense products and attention are XLA's, for counting FLOPs: the model's own, not
+  the padding zeros the matmul form of a convolution also multiplies, and dots the jaxpr walk and
+  XLA's cost analysis can count (a host BLAS product or a fused attention kernel is a custom call,
+  opaque to both). Else the forms the config runs, whose saved residuals are what the backward
+  pass keeps (a fused attention keeps no T x T probabilities)."""
   xla_forms = {form: "xla" for form in ("conv", "matmul", "attention") if getattr(cfg.model, form, "xla") != "xla"}
-  if xla_forms:
+  if countable and xla_forms:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **xla_forms))
   one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1, stage=1))
   placed = state_lib.place(one, jax.devices()[:1])
@@ -213,7 +215,7 @@ def transformer_saved_bytes(cfg: Config) -> int:
   def f(layers: int, batch: int) -> int:
     c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=layers),
                             data=dataclasses.replace(cfg.data, global_batch_size=batch))
-    return _saved_bytes(*loss_fn_and_args(c)[:3])
+    return _saved_bytes(*loss_fn_and_args(c, countable=False)[:3])
   f21, f31, f22, f32 = f(2, 1), f(3, 1), f(2, 2), f(3, 2)
   a_layer = (f32 - f22) - (f31 - f21)
   c_layer = (f31 - f21) - a_layer
@@ -224,8 +226,8 @@ def transformer_saved_bytes(cfg: Config) -> int:
 
 
 def account(cfg: Config) -> Accounting:
-  (fwd, bwd, mm_bytes), (loss, params, batch, opt_state), jaxpr = _walk_step(cfg)
-  act = _saved_bytes(loss, params, batch)
+  (fwd, bwd, mm_bytes), (_, params, _, opt_state), jaxpr = _walk_step(cfg)
+  act = _saved_bytes(*loss_fn_and_args(cfg, countable=False)[:3])
   b = cfg.data.global_batch_size
   tokens = b * cfg.model.input_shape()[0] if cfg.model.task == "lm" else b
   return Accounting(params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
