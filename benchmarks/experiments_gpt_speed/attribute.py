@@ -33,7 +33,7 @@ def _instructions(hlo: str):
   bodies.append(re.search(r"^ENTRY.*?\{\n(.*?)\n\}", hlo, re.M | re.S).group(1))
   out = {}
   for line in "\n".join(bodies).split("\n"):
-    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\((.*)", line)
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\((.*)", line)   # a shape, or a tuple of them
     if m:
       out[m.group(1)] = (m.group(2), m.group(3), m.group(4), comps)
   return out
@@ -51,6 +51,9 @@ def _dot_class(shape_lhs: str, shape_rhs: str, dnums: str, engine: str) -> str:
 
 def classify(name: str, inst) -> str:
   shape, op, rest, comps = inst
+  if op == "custom-call" and (target := re.search(r'custom_call_target="(\w+)"', rest)):
+    return {"dcmodel_host_gemm": "host BLAS product", "dcmodel_host_attention_fwd": "fused attention (fwd)",
+            "dcmodel_host_attention_bwd": "fused attention (bwd)"}.get(target.group(1), "custom-call")
   if op == "dot":
     shapes = re.findall(r"(f32|bf16)\[([\d,]*)\]", rest)
     return _dot_class("", "", rest, "eigen") if not shapes else _dot_class(shapes[0][1], "", rest, "eigen")
