@@ -147,6 +147,7 @@ def run_dcmodel(variant: str, mesh: Layout, data: Path, steps: int, sets=()) -> 
 def run_xla(variant: str, mesh: Layout, data: Path, steps: int, sets=()) -> dict:
   """dcmodel's own make_train_step, called on device-resident batches: no pipeline, no loop."""
   import jax
+  from dcmodel.perf import accounting
   from dcmodel.train import state as state_lib
   from dcmodel.train import tasks
   from dcmodel.train.step import make_train_step
@@ -169,7 +170,9 @@ def run_xla(variant: str, mesh: Layout, data: Path, steps: int, sets=()) -> dict
       losses.append(sums)
     jax.block_until_ready((state, losses))
     seconds = time.perf_counter() - start
-  return {"step_s": seconds / (steps - WARMUP), "loss": float(np.mean([s["loss_sum"] / s["count"] for s in jax.device_get(losses)]))}
+  acc = accounting.account(cfg)   # what the row's rates are per step, when no dcmodel- contender ran
+  return {"step_s": seconds / (steps - WARMUP), "loss": float(np.mean([s["loss_sum"] / s["count"] for s in jax.device_get(losses)])),
+          "params": acc.params, "flops_per_step": acc.flops_per_step, "tokens_per_step": acc.tokens_per_step}
 
 
 # ---------------------------------------------------------------- PyTorch
@@ -310,7 +313,7 @@ def main(argv=None) -> int:
 
 
 def summarize(variant: str, runs: dict, first_batch: str) -> dict:
-  meta = next((r for c in runs if c.startswith("dcmodel") for r in runs[c] if "params" in r), None)
+  meta = next((r for c in runs if c.startswith(("dcmodel", "xla")) for r in runs[c] if "params" in r), None)
   row = {"variant": variant, "params_dcmodel": meta and meta["params"], "flops_per_step": meta and meta["flops_per_step"],
          "tokens_per_step": meta and meta["tokens_per_step"], "contenders": {}}
   torch_params = next((r["params"] for c in runs if c.startswith("torch") for r in runs[c] if "params" in r), None)
@@ -337,7 +340,8 @@ def report(result: dict) -> None:
         f"{result['steps_timed']} timed steps per run, median of {result['rounds']} interleaved rounds")
   for row in result["rows"]:
     print(f"{row['variant']}: params dcmodel {row['params_dcmodel'] or 0:,} / torch {row['params_torch'] or 0:,}"
-          f"{'' if row['params_dcmodel'] == row['params_torch'] else '  (DIFFERENT)'}; {row['flops_per_step'] / 1e9:.1f} GFLOP/step; "
+          f"{'' if row['params_torch'] is None or row['params_dcmodel'] == row['params_torch'] else '  (DIFFERENT)'}; "
+          f"{row['flops_per_step'] / 1e9:.1f} GFLOP/step; "
           f"same batches: {row['same_batches']}")
     for c, r in row["contenders"].items():
       if "error" in r:
