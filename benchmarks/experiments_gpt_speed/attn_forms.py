@@ -10,9 +10,11 @@ Forms:
   blockN   causal attention over N query blocks, each against only the keys up to its end (the
            work above the diagonal skipped, as a flash kernel does), on (b, h, t, d)
   tblockN  the same on (b, t, h, d)
+  halves   dcmodel's XLA path (attention.attend(impl="xla"): two query halves on (b, t, h, d))
+  cpu      dcmodel's fused CPU kernel (attention.attend(impl="cpu"), models/host_attention.cc)
   torch    torch.nn.functional.scaled_dot_product_attention(is_causal=True), (b, h, t, d), eager
 
-  PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.attn_forms [--forms dpa,einsum,bhtd,block2,block4,torch] [--rounds 7]
+  PYTHONPATH=$PWD python -m benchmarks.experiments_gpt_speed.attn_forms [--forms halves,cpu,torch] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from dcmodel.models.attention import attend  # noqa: E402
 
 B, T, H, D = 32, 128, 8, 64
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -69,6 +73,8 @@ def form(name: str):
   if name.startswith("block"):
     n = int(name[5:])
     return lambda q, k, v: blocked(q, k, v, n), True
+  if name in ("halves", "cpu"):
+    return lambda q, k, v: attend(q, k, v, causal=True, impl="xla" if name == "halves" else "cpu"), False
   if name.startswith("tblock"):
     n = int(name[6:])
     return lambda q, k, v: blocked(q, k, v, n, heads_first=False), False
