@@ -271,36 +271,29 @@ static ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   return ffi::Error::Success();
 }
 
+// Both passes take q, k, v, the segment ids and the rotary tables (sin, cos) first.
+static auto BindInputs() {
+  using F32 = ffi::Buffer<ffi::F32>;
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<F32>().Arg<F32>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HostAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              BindInputs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()      // o
+                                  .Ret<ffi::Buffer<ffi::F32>>()      // log-sum-exp
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal")
                                   .Attr<bool>("rotary"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HostAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              BindInputs()
+                                  .Arg<ffi::Buffer<ffi::F32>>()      // o
+                                  .Arg<ffi::Buffer<ffi::F32>>()      // log-sum-exp
+                                  .Arg<ffi::Buffer<ffi::F32>>()      // dO
+                                  .Ret<ffi::Buffer<ffi::F32>>()      // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()      // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()      // dv
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal")
                                   .Attr<bool>("rotary"));
