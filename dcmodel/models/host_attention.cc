@@ -122,7 +122,7 @@ void Softmax(const Shape& sh, float* s, int64_t lo, int64_t rows, int64_t n, con
 }
 
 // Rotary embedding (rotate-half layout: dimension c pairs with c + D/2) of `rows` rows of x (row
-// stride ld) at positions [t0, t0 + rows) of one sequence's tables, into y (row stride D). The
+// stride ld) by the tables' rows sin, cos (D/2 each, one per x row), into y (row stride ld_y). The
 // inverse rotation (its transpose) carries gradients back.
 void Rotate(const float* x, int64_t ld, int64_t rows, int64_t D, const float* sin, const float* cos, bool inverse,
             float* y, int64_t ld_y) {
@@ -254,14 +254,12 @@ static ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
           const float* pr = p + i * n;
           for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - delta[i]) * scale;
         }
-        if (rotary) {
-          scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, n, 1.0f, dp, n, ks.data, ks.ld, 0.0f,
-                            dqr, D);
-          Rotate(dqr, D, rows, D, sinr, cosr, true, pdq + at, sh.ld_q());
-        } else {
-          scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, n, 1.0f, dp, n, ks.data, ks.ld, 0.0f,
-                            pdq + at, sh.ld_q());
-        }
+        // dQ straight into its place, or (rotary) into dqr and turned back into its place
+        float* dqw = rotary ? dqr : pdq + at;
+        const int64_t ld_dq = rotary ? D : sh.ld_q();
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, n, 1.0f, dp, n, ks.data, ks.ld, 0.0f,
+                          dqw, ld_dq);
+        if (rotary) Rotate(dqr, D, rows, D, sinr, cosr, true, pdq + at, sh.ld_q());
         scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, D, rows, 1.0f, dp, n, qs.data, qs.ld, 1.0f,
                           dkw, dks.ld);
       }

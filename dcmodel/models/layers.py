@@ -45,8 +45,8 @@ def zeros(axes: tuple):
 # through an XLA custom call (host_gemm.py), which takes transposed operands without a copy; "xla"
 # is XLA's dot. "auto" takes blas for float32 products of at least FEW_ROWS rows on CPU where the
 # product is one device's alone (one device, or a shard_map's per-device body), and XLA's dot
-# elsewhere: on a split mesh, few rows, bfloat16, accelerators. "blas" also takes it on a split mesh: shard_mapped over the batch axes where the
-# mesh splits only the batch (XLA cannot partition a custom call: left to it, it gathers the
+# elsewhere: on a split mesh, few rows, bfloat16, accelerators. "blas" also takes it on a split
+# mesh: shard_mapped over the batch axes where the mesh splits only the batch (XLA cannot partition a custom call: left to it, it gathers the
 # operands onto every device), gathered where it splits the model too. On 8 simulated devices the
 # shard_mapped product ran the benchmark GPT's loop at 0.93x (data parallel) and 0.95x (FSDP)
 # XLA's dots (lm_peers, 3 rounds), so auto does not take it there. Nor for products of fewer than

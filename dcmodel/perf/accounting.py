@@ -160,6 +160,11 @@ class Accounting:
     return {**dataclasses.asdict(self), "flops_per_step": self.flops_per_step}
 
 
+def _xla_forms(cfg: Config) -> dict:
+  """The model's computation forms (conv, matmul, attention) not set to XLA's, set to it."""
+  return {form: "xla" for form in ("conv", "matmul", "attention") if getattr(cfg.model, form, "xla") != "xla"}
+
+
 def loss_fn_and_args(cfg: Config, countable: bool = True):
   """(loss(params, batch), abstract params, abstract batch, abstract optimizer state) of `cfg`'s
   model on one global batch, laid out on one device (accounting is layout-free). `countable`:
@@ -168,7 +173,7 @@ def loss_fn_and_args(cfg: Config, countable: bool = True):
   XLA's cost analysis can count (a host BLAS product or a fused attention kernel is a custom call,
   opaque to both). Else the forms the config runs, whose saved residuals are what the backward
   pass keeps (a fused attention keeps no T x T probabilities)."""
-  xla_forms = {form: "xla" for form in ("conv", "matmul", "attention") if getattr(cfg.model, form, "xla") != "xla"}
+  xla_forms = _xla_forms(cfg)
   if countable and xla_forms:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **xla_forms))
   one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, model=1, stage=1))
@@ -226,8 +231,10 @@ def transformer_saved_bytes(cfg: Config) -> int:
 
 
 def account(cfg: Config) -> Accounting:
-  (fwd, bwd, mm_bytes), (_, params, _, opt_state), jaxpr = _walk_step(cfg)
-  act = _saved_bytes(*loss_fn_and_args(cfg, countable=False)[:3])
+  (fwd, bwd, mm_bytes), traced, jaxpr = _walk_step(cfg)
+  _, params, _, opt_state = traced
+  # the residuals of the forms that run; traced again only where they differ from the countable ones
+  act = _saved_bytes(*(loss_fn_and_args(cfg, countable=False) if _xla_forms(cfg) else traced)[:3])
   b = cfg.data.global_batch_size
   tokens = b * cfg.model.input_shape()[0] if cfg.model.task == "lm" else b
   return Accounting(params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
