@@ -2,8 +2,8 @@
 (dcmodel.infer.generate.Generator, prefill then one token per step in a jitted lax.scan) against
 the same model in PyTorch (benchmarks/torch_gpt.py) decoding with a straightforward KV cache
 under torch.inference_mode, eager and torch.compile'd, both against the memory-bound prediction.
-dcmodel runs as it is configured (dense products on host BLAS on CPU) and as `dcmodel-xla`, with
-them on XLA's dots (model.matmul=xla).
+dcmodel runs as it is configured (dense products on host BLAS on CPU) and as
+`dcmodel+model.matmul=xla`, with them on XLA's dots.
 
 Model: the lm_peers gpt variant made deeper and longer (d_model 512, 8 layers, 8 heads, GELU
 2048, learned positions, tied, vocab 256, max_len 256): 25.4M parameters, freshly initialised
@@ -42,8 +42,9 @@ PROMPT, NEW = 32, 224
 BATCHES = (1, 8)
 # PyTorch with all cores as intra-op threads and with one: a decode step is many small ops,
 # where OpenMP's fork/join per op can cost more than the second core gives
-# dcmodel-xla: dcmodel with its dense products on XLA's dots (model.matmul=xla), not host BLAS
-CONTENDERS = ["dcmodel", "dcmodel-xla", "torch-eager", "torch-eager-1thread", "torch-compile"]
+# config overrides after '+', as lm_peers names them (lm_peers.sets_of): dcmodel with its dense
+# products on XLA's dots, not host BLAS
+CONTENDERS = ["dcmodel", "dcmodel+model.matmul=xla", "torch-eager", "torch-eager-1thread", "torch-compile"]
 
 
 def config(sets=()):
@@ -122,8 +123,9 @@ def run_calibration() -> dict:
 def run_one(contender: str, repeats: int) -> dict:
   if contender == "calibrate":
     return run_calibration()
-  if contender.startswith("dcmodel"):
-    return run_dcmodel(repeats, ["model.matmul=xla"] if contender == "dcmodel-xla" else [])
+  if contender.split("+")[0] == "dcmodel":
+    from benchmarks.lm_peers import sets_of
+    return run_dcmodel(repeats, sets_of(contender))
   return run_torch(contender == "torch-compile", repeats, 1 if contender.endswith("1thread") else None)
 
 
